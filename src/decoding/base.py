@@ -1,0 +1,68 @@
+"""The interface every decoding method implements, and the model call they share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from src.decoding.sampling import SamplingConfig
+from src.decoding.stats import Generation
+
+
+def model_logits(
+    model,
+    input_ids: torch.Tensor,
+    cache,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One forward over ``input_ids`` (1, n) appended to ``cache``; returns logits (1, n, vocab).
+
+    ``attention_mask`` may be a 4D tree mask (1, 1, n, cached + n); ``position_ids`` (1, n) then give each
+    node's depth-based position.
+    """
+    out = model(
+        input_ids=input_ids,
+        past_key_values=cache,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=True,
+    )
+    return out.logits
+
+
+class DecodingMethod(ABC):
+    """A decoding method: a plain object with typed ``__init__`` arguments (so configs can build it).
+
+    ``generate`` decodes one prompt and returns the new tokens with statistics; it never writes files or logs.
+    Probability convention (see :mod:`src.decoding.sampling`): ``p`` = target, ``q`` = draft.
+    """
+
+    name: str = "method"
+    needs_draft: bool = False
+
+    def params(self) -> dict[str, Any]:
+        """Method parameters that identify a configuration (go into records and resume keys)."""
+        return {}
+
+    @abstractmethod
+    def generate(
+        self,
+        target,
+        draft,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        eos_token_ids: set[int],
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        """Decode at most ``max_new_tokens`` after ``input_ids`` (1, prompt_len); stop right after an EOS."""
+
+
+def check_generate_args(input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (1, prompt_len>0), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")

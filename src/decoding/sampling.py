@@ -1,0 +1,91 @@
+"""The one place where logits become probabilities and tokens are drawn.
+
+Convention used in every method of :mod:`src.decoding`:
+``p`` is the **target** model's next-token distribution, ``q`` is the **draft** model's.
+Both are produced by :func:`logits_to_probs` with the same :class:`SamplingConfig`, so temperature,
+top-k and top-p shape p and q identically (the lossless guarantees are stated for these warped p).
+Temperature 0 means greedy: the distribution is one-hot on the argmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How logits become a distribution.
+
+    Args:
+        temperature: 0 for greedy decoding, > 0 to sample from softmax(logits / temperature).
+        top_k: keep only the k most likely tokens (0 disables).
+        top_p: keep the smallest set of tokens whose probability reaches top_p (1.0 disables).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} is invalid: use 0 (greedy) or a value > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is outside (0, 1]: use e.g. 0.9, or 1.0 to disable it")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} is negative: use 0 to disable it or a positive count")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def logits_to_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Warp logits (..., vocab) into probabilities (..., vocab), float32, rows summing to 1."""
+    logits = logits.float()
+    if sampling.greedy:
+        # One-hot on the argmax: greedy decoding is the temperature -> 0 limit of sampling.
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        kth_value = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_value, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True)
+        # A token is kept while the mass strictly before it is < top_p (so the top token always stays).
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= sampling.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row of ``probs`` (..., vocab) -> (...,) long."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    if generator is not None and flat.device != generator.device:
+        flat = flat.to(generator.device)
+    draws = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    return draws.reshape(probs.shape[:-1]).to(probs.device)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalize(max(0, p - q)): where to sample after a rejected draft token.
+
+    When p == q exactly (nothing left), falls back to p, which is then the correct distribution.
+    """
+    residual = torch.clamp(p - q, min=0.0)
+    total = residual.sum(-1, keepdim=True)
+    return torch.where(total > 0, residual / total.clamp_min(1e-30), p)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """Every random draw of a generation goes through one explicit generator (reproducible per prompt)."""
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    return generator

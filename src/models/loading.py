@@ -1,0 +1,178 @@
+"""One code path that turns a :class:`ModelSpec` into a ready model and tokenizer, for every method."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.models.embedded import ensure_converted, is_embedded
+from src.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers tokenizer
+    spec: ModelSpec
+    info: dict[str, Any] = field(default_factory=dict)  # resolved name, dtype, device, quantization
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
+    """(folder or hub id to load from, gguf file name or None); validates local paths."""
+    if is_embedded(spec.name_or_path):
+        return str(ensure_converted(spec.name_or_path)), None
+    path = Path(spec.name_or_path).expanduser()
+    if path.exists():
+        if spec.gguf_file and not (path / spec.gguf_file).is_file():
+            raise FileNotFoundError(
+                f"gguf_file {spec.gguf_file!r} is not in {path}: files there are "
+                f"{sorted(p.name for p in path.iterdir())}"
+            )
+        return str(path), spec.gguf_file
+    if spec.name_or_path.startswith(("/", "./", "../", "~")) or not _is_hub_id(spec.name_or_path):
+        parent = path.parent if path.parent.exists() else Path(".")
+        present = sorted(p.name for p in parent.iterdir())[:20]
+        raise FileNotFoundError(
+            f"model path {spec.name_or_path!r} does not exist and is not a hub id (owner/name); "
+            f"{parent} holds {present}; the embedded model is 'embedded:smollm2-135m-instruct'"
+        )
+    return spec.name_or_path, spec.gguf_file
+
+
+def _load_tokenizer(source: str, gguf_file: str | None, spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    if spec.tokenizer:
+        return AutoTokenizer.from_pretrained(spec.tokenizer, trust_remote_code=spec.trust_remote_code)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(
+        source, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs
+    )
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The tokenizer alone (cheap): lets the tokenizer guard run before any weights load."""
+    source, gguf_file = resolve_source(spec)
+    return _load_tokenizer(source, gguf_file, spec)
+
+
+def _quantization_config(spec: ModelSpec):
+    if spec.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=TORCH_DTYPES[spec.bnb_compute_dtype],
+    )
+
+
+def _clear_gguf_quantized_flag(model) -> None:
+    """A GGUF-loaded model is flagged as quantized (refusing save_pretrained) although its weights are plain."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _unsupported_gguf(error: Exception, where: str) -> Exception:
+    return ValueError(f"transformers cannot load the GGUF {where}: {error} (convert it to safetensors first)")
+
+
+def load_gguf_unquantized(folder: Path | str, gguf_file: str, dtype: torch.dtype = torch.float32):
+    """Dequantize a GGUF into a plain transformers model (+ its tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    except (ValueError, KeyError, NotImplementedError) as error:
+        raise _unsupported_gguf(error, f"{Path(folder) / gguf_file}") from error
+    _clear_gguf_quantized_flag(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    return model, tokenizer
+
+
+def _make_resident(model) -> None:
+    """Copy memory-mapped CPU weights into ordinary memory.
+
+    safetensors loads are memory-mapped; under memory pressure the OS pages such weights out and a
+    generation was seen taking 122 s instead of 5 s. Plain ``Parameter``s only: quantized parameter
+    classes (bitsandbytes) were created in memory already.
+    """
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and type(param) is torch.nn.Parameter and param.device.type == "cpu":
+                param.data = param.data.clone()
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "cpu":
+                module._buffers[name] = buffer.clone()
+
+
+def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
+    """Load weights + tokenizer as ``spec`` says; the model comes back in eval mode without gradients."""
+    from transformers import AutoModelForCausalLM
+
+    source, gguf_file = resolve_source(spec)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(source, gguf_file, spec)
+    device = spec.device or default_device()
+    kwargs: dict[str, Any] = {
+        "dtype": "auto" if spec.dtype == "auto" else TORCH_DTYPES[spec.dtype],
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+    }
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    quantization_config = _quantization_config(spec)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if spec.device_map is not None:
+        kwargs["device_map"] = spec.device_map
+    elif quantization_config is not None or device != "cpu":
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (ValueError, KeyError, NotImplementedError) as error:
+        if gguf_file:
+            raise _unsupported_gguf(error, f"{gguf_file} in {source}") from error
+        raise
+    if gguf_file:
+        _clear_gguf_quantized_flag(model)
+    model.eval().requires_grad_(False)
+    _make_resident(model)
+    first = next(model.parameters())
+    info = {
+        "name": spec.name_or_path,
+        "source": source,
+        "dtype": str(first.dtype).removeprefix("torch.")
+        if spec.quantization == "none"
+        else spec.bnb_compute_dtype,
+        "device": str(first.device) if spec.device_map is None else str(getattr(model, "hf_device_map", "")),
+        "quantization": spec.quantization
+        + (f"-{spec.bnb_4bit_quant_type}" if spec.quantization == "bnb-4bit" else ""),
+    }
+    log.info("loaded %s", info)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, info=info)
