@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -9,6 +11,12 @@ import torch
 
 from src.decoding.sampling import SamplingConfig
 from src.decoding.stats import Generation
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """transformers >= 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def model_logits(
@@ -25,7 +33,7 @@ def model_logits(
     """
     out = model(
         input_ids=input_ids,
-        past_key_values=cache,
+        **{_cache_keyword(type(model)): cache},
         position_ids=position_ids,
         attention_mask=attention_mask,
         use_cache=True,

@@ -132,6 +132,9 @@ def _make_resident(model) -> None:
 def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
     """Load weights + tokenizer as ``spec`` says; the model comes back in eval mode without gradients."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor bars drown the run's own progress bar
 
     source, gguf_file = resolve_source(spec)
     if tokenizer is None:

@@ -1,0 +1,98 @@
+"""The command line: ``python -m src {fit,predict} --config configs/<name>.yaml [--config more.yaml] [--key value]``.
+
+A thin ``LightningCLI`` subclass. Models and data modules are chosen in the YAML with
+``class_path``/``init_args``; repeated ``--config`` files compose (later ones override earlier ones), which
+is how the model presets under ``configs/models/`` are combined with a method config.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from src.lit.results import ResultsWriter, check_output_path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def available_presets() -> list[str]:
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(str(p.relative_to(CONFIG_DIR.parent)) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def check_config_paths(args: list[str]) -> None:
+    """An unknown preset is an error that lists the presets that exist (before jsonargparse's generic one)."""
+    for i, arg in enumerate(args):
+        path = None
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path and not path.lstrip().startswith(("{", "model:", "data:", "trainer:")) and not Path(path).is_file():
+            presets = "\n  ".join(available_presets()) or "(none found)"
+            raise SystemExit(f"error: config file {path!r} does not exist. Available configs and presets:\n  {presets}")
+
+
+def check_headless() -> None:
+    display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if display:
+        raise SystemExit(
+            f"error: --require_headless is set but a display is attached (DISPLAY={display!r}): "
+            "unset DISPLAY / WAYLAND_DISPLAY or drop --require_headless"
+        )
+
+
+class SpSampCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only the two jobs of this tool: ``fit`` (train the AutoJudge judge) and ``predict`` (decode and measure)."""
+        return {key: value for key, value in LightningCLI.subcommands().items() if key in ("fit", "predict")}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--output", type=str, default="datasets/results.jsonl", help="predict: JSONL results file")
+        parser.add_argument("--resume", type=bool, default=False, help="predict: continue an existing results file")
+        parser.add_argument(
+            "--require_headless", type=bool, default=False, help="refuse to run when a display is attached"
+        )
+
+    def before_predict(self) -> None:
+        config = self.config[self.subcommand]
+        if config.require_headless:
+            check_headless()
+        # Fail fast on bad data or an unwritable output before any model weights load.
+        if hasattr(self.datamodule, "load_prompts"):
+            self.datamodule.load_prompts()
+        output = check_output_path(config.output, config.resume)
+        self.results_writer = ResultsWriter(output)
+        self.trainer.callbacks.append(self.results_writer)
+
+    def after_predict(self) -> None:
+        writer = self.results_writer
+        print(f"wrote {writer.written} records ({writer.ok} ok) to {writer.output}")
+        if writer.written and not writer.ok:
+            raise SystemExit(f"error: every record failed; see the 'error' fields in {writer.output}")
+
+    def before_fit(self) -> None:
+        if self.config[self.subcommand].require_headless:
+            check_headless()
+
+
+def cli_main(args: list[str] | None = None) -> SpSampCLI:
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # lightning's own, not actionable here
+    check_config_paths(sys.argv[1:] if args is None else list(args))
+    return SpSampCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        seed_everything_default=0,
+        trainer_defaults={"logger": False, "enable_checkpointing": False, "devices": 1},
+        args=args,
+    )

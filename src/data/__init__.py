@@ -1,0 +1,1 @@
+"""Prompt sources: reading prompt files and turning prompts into model inputs."""

@@ -1,0 +1,1 @@
+"""Lightning adapters: thin modules and callbacks around :mod:`src.decoding` and :mod:`src.models`."""

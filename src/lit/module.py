@@ -1,0 +1,156 @@
+"""DecodingModule: runs every configured method on each prompt as one predict step and returns the records."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import zlib
+from typing import Any
+
+import lightning as L
+import torch
+
+from src.data.prompts import encode_messages
+from src.decoding.base import DecodingMethod
+from src.decoding.baseline import Baseline
+from src.decoding.sampling import SamplingConfig, make_generator
+from src.lit.records import compare_with_baseline, error_record, ok_record, resume_key
+from src.lit.system import system_info
+from src.models.pair import ModelPair, load_pair
+from src.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+WARMUP_TOKENS = 4
+
+
+class DecodingModule(L.LightningModule):
+    """Decode prompts with one or more methods on a target (and draft) model.
+
+    Args:
+        target: the target model (its output distribution is what lossless methods reproduce).
+        draft: the draft model, required by speculative methods (tokenizer must match the target's).
+        methods: decoding methods to run on every prompt, back to back (default: the baseline alone).
+        max_new_tokens: generation budget per prompt.
+        temperature: 0 for greedy decoding, > 0 to sample.
+        top_k: keep only the k most likely tokens when sampling (0 disables).
+        top_p: nucleus sampling mass (1.0 disables).
+        seed: base seed; each (prompt, turn) gets its own generator seeded from it, identical for every method.
+        warmup: run one short untimed generation per method before the first prompt.
+    """
+
+    def __init__(
+        self,
+        target: ModelSpec = ModelSpec(),
+        draft: ModelSpec | None = None,
+        methods: list[DecodingMethod] | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        warmup: bool = True,
+    ) -> None:
+        super().__init__()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")
+        self.target_spec = target
+        self.draft_spec = draft
+        self.methods = list(methods) if methods else [Baseline()]
+        names = [m.name for m in self.methods]
+        self.method_keys = [self._method_key(m, names) for m in self.methods]
+        self.max_new_tokens = max_new_tokens
+        self.sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.seed = seed
+        self.warmup = warmup
+        self.run_id = uuid.uuid4().hex[:12]
+        self.pair: ModelPair | None = None  # a plain holder: Lightning must not move or cast these models
+        for method in self.methods:
+            if method.needs_draft and draft is None:
+                raise ValueError(
+                    f"method {method.name!r} needs a draft model but model.draft is not set: add a draft preset, "
+                    "e.g. --config configs/models/smollm2-135m-bf16.yaml"
+                )
+
+    @staticmethod
+    def _method_key(method: DecodingMethod, names: list[str]) -> str:
+        """The method name, extended by its parameters when the same method runs in several configurations."""
+        if names.count(method.name) == 1:
+            return method.name
+        return method.name + "[" + ",".join(f"{k}={v}" for k, v in method.params().items()) + "]"
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.pair is None:
+            needs_draft = any(m.needs_draft for m in self.methods)
+            self.pair = load_pair(self.target_spec, self.draft_spec if needs_draft else None)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.pair.target.model.get_input_embeddings().weight.device
+
+    def on_predict_start(self) -> None:
+        if not self.warmup:
+            return
+        input_ids = torch.tensor([[self.pair.tokenizer.bos_token_id or 0, 1, 2, 3]], device=self.input_device)
+        for method in self.methods:
+            self._generate(method, input_ids, WARMUP_TOKENS, seed=self.seed)
+
+    # ---- decoding -----------------------------------------------------------------------------------------
+    def _generate(self, method: DecodingMethod, input_ids: torch.Tensor, max_new_tokens: int, seed: int):
+        draft = self.pair.draft.model if self.pair.draft is not None else None
+        generator = make_generator(seed, device="cpu")
+        return method.generate(
+            self.pair.target.model, draft, input_ids, max_new_tokens, self.sampling, self.pair.eos_token_ids, generator
+        )
+
+    def _prompt_seed(self, prompt_id: str, turn: int) -> int:
+        return (self.seed * 1_000_003 + zlib.crc32(f"{prompt_id}/{turn}".encode())) % (2**63)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """All methods on one prompt, method order rotated per prompt to spread machine drift across methods."""
+        messages = []
+        if batch.get("system_prompt"):
+            messages.append({"role": "system", "content": batch["system_prompt"]})
+        messages.append({"role": "user", "content": batch["turns"][0]})
+        input_ids = encode_messages(self.pair.tokenizer, messages, batch.get("chat_template", True))
+        input_ids = input_ids.to(self.input_device)
+        turn = 1
+        order = [(batch_idx + i) % len(self.methods) for i in range(len(self.methods))]
+        records = [None] * len(self.methods)
+        for index in order:
+            method = self.methods[index]
+            common = self._common_fields(batch, turn, method, self.method_keys[index], input_ids.shape[1])
+            try:
+                generation = self._generate(method, input_ids, self.max_new_tokens, self._prompt_seed(batch["prompt_id"], turn))
+                text = self.pair.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+                records[index] = ok_record(common, generation, text)
+            except Exception as error:  # one failing (prompt, method) must not end the run
+                log.exception("method %s failed on prompt %s", method.name, batch["prompt_id"])
+                records[index] = error_record(common, error)
+        compare_with_baseline(records, self.sampling.greedy)
+        return records
+
+    def _common_fields(self, batch: dict[str, Any], turn: int, method: DecodingMethod, method_key: str, prompt_tokens: int):
+        params = {
+            **method.params(),
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.sampling.temperature,
+            "top_k": self.sampling.top_k,
+            "top_p": self.sampling.top_p,
+            "seed": self.seed,
+        }
+        return {
+            "run_id": self.run_id,
+            "resume_key": resume_key(batch["dataset"], batch["prompt_id"], turn, method_key, params),
+            "method": method_key,
+            "dataset": batch["dataset"],
+            "prompt_id": batch["prompt_id"],
+            "category": batch["category"],
+            "turn": turn,
+            "prompt_tokens": prompt_tokens,
+            "params": params,
+            "target": self.pair.target.info,
+            "draft": self.pair.draft.info if (method.needs_draft and self.pair.draft) else None,
+            "system": system_info(self.input_device),
+        }

@@ -1,0 +1,85 @@
+"""The one place where a result record (one JSONL line) is built. Scripts depend on these field names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback
+from typing import Any
+
+from src.decoding.stats import Generation
+
+
+def resume_key(dataset: str, prompt_id: str, turn: int, method_key: str, params: dict[str, Any]) -> str:
+    """Identifies (prompt, turn, method, parameters): a resumed run skips keys already ``ok`` in the file."""
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{dataset}/{prompt_id}/{turn}/{method_key}/{digest}"
+
+
+def ok_record(common: dict[str, Any], generation: Generation, text: str) -> dict[str, Any]:
+    stats = generation.stats
+    wall_s = stats.prefill_s + stats.decode_s
+    record = {
+        **common,
+        "status": "ok",
+        "error": None,
+        "new_tokens": generation.new_tokens,
+        "stopped_by": generation.stopped_by,
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "wall_s": wall_s,
+        "tokens_per_s": generation.new_tokens / wall_s if wall_s > 0 else None,
+        "target_calls": stats.target_calls,
+        "draft_calls": stats.draft_calls,
+        "tokens_per_target_call": generation.tokens_per_target_call,
+        "drafted_tokens": stats.drafted_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "accepted_per_position": [
+            a / d if d else None for a, d in zip(stats.accepted_per_position, stats.drafted_per_position)
+        ],
+        "speedup": None,
+        "matches_baseline": None,
+        "first_divergence": None,
+        "text": text,
+        "tokens": generation.tokens,
+    }
+    for key, value in stats.extra.items():
+        record[key] = value
+    return record
+
+
+def error_record(common: dict[str, Any], error: BaseException) -> dict[str, Any]:
+    return {
+        **common,
+        "status": "error",
+        "error": {
+            "type": type(error).__name__,
+            "message": str(error),
+            "traceback": "".join(traceback.format_exception(error)),
+        },
+    }
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (or the shorter length when one is a prefix); None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_with_baseline(records: list[dict[str, Any]], greedy: bool) -> None:
+    """Fill ``speedup`` / ``matches_baseline`` / ``first_divergence`` from the baseline record of the same prompt."""
+    baseline = next((r for r in records if r["method"] == "baseline" and r["status"] == "ok"), None)
+    if baseline is None:
+        return
+    for record in records:
+        if record["status"] != "ok":
+            continue
+        if baseline["tokens_per_s"] and record["tokens_per_s"]:
+            record["speedup"] = record["tokens_per_s"] / baseline["tokens_per_s"]
+        if greedy:
+            divergence = first_divergence(record["tokens"], baseline["tokens"])
+            record["matches_baseline"] = divergence is None
+            record["first_divergence"] = divergence
