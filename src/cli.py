@@ -69,12 +69,14 @@ class SpSampCLI(LightningCLI):
         if hasattr(self.datamodule, "load_prompts"):
             self.datamodule.load_prompts()
         output = check_output_path(config.output, config.resume)
-        self.results_writer = ResultsWriter(output)
+        self.results_writer = ResultsWriter(output, resume=config.resume)
+        self.model.previous_records = self.results_writer.previous
         self.trainer.callbacks.append(self.results_writer)
 
     def after_predict(self) -> None:
         writer = self.results_writer
-        print(f"wrote {writer.written} records ({writer.ok} ok) to {writer.output}")
+        skipped = f", {len(writer.previous)} already done" if writer.previous else ""
+        print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}")
         if writer.written and not writer.ok:
             raise SystemExit(f"error: every record failed; see the 'error' fields in {writer.output}")
 

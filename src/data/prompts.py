@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
+
 MT_BENCH_HINT = "`make setup` puts MT-Bench into datasets/mt_bench.jsonl"
 
 
@@ -28,7 +30,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     """Read a MT-Bench-format JSONL file; a bad line raises an error naming file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist ({MT_BENCH_HINT}, or pass --data.path FILE)")
+        raise MissingInputError(f"prompt file {path} does not exist ({MT_BENCH_HINT}, or pass --data.path FILE)")
     prompts = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -51,7 +53,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
                     )
                 )
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise ValueError(
+                raise MalformedInputError(
                     f"{path}:{line_number}: malformed prompt line ({type(error).__name__}: {error}); "
                     "expected {\"question_id\", \"category\", \"turns\": [...]}"
                 ) from error
@@ -63,14 +65,14 @@ def select_prompts(prompts: list[Prompt], categories: list[str] | None, limit: i
         present = sorted({p.category for p in prompts})
         unknown = [c for c in categories if c not in present]
         if unknown:
-            raise ValueError(f"unknown categories {unknown} in {source}: present are {present}")
+            raise InvalidParameterError(f"unknown categories {unknown} in {source}: present are {present}")
         prompts = [p for p in prompts if p.category in categories]
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"limit={limit} is invalid: use a positive number of prompts, or null for all")
+            raise InvalidParameterError(f"limit={limit} is invalid: use a positive number of prompts, or null for all")
         prompts = prompts[:limit]
     if not prompts:
-        raise ValueError(f"no prompts left in {source} after filtering (categories={categories}, limit={limit})")
+        raise InvalidParameterError(f"no prompts left in {source} after filtering (categories={categories}, limit={limit})")
     return prompts
 
 

@@ -11,6 +11,7 @@ import torch
 
 from src.decoding.sampling import SamplingConfig
 from src.decoding.stats import Generation
+from src.errors import InvalidParameterError
 
 
 @functools.cache
@@ -71,6 +72,6 @@ class DecodingMethod(ABC):
 
 def check_generate_args(input_ids: torch.Tensor, max_new_tokens: int) -> None:
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape (1, prompt_len>0), got {tuple(input_ids.shape)}")
+        raise InvalidParameterError(f"input_ids must have shape (1, prompt_len>0), got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")
+        raise InvalidParameterError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")

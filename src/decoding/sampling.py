@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from src.errors import InvalidParameterError
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -30,11 +32,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} is invalid: use 0 (greedy) or a value > 0")
+            raise InvalidParameterError(f"temperature={self.temperature} is invalid: use 0 (greedy) or a value > 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} is outside (0, 1]: use e.g. 0.9, or 1.0 to disable it")
+            raise InvalidParameterError(f"top_p={self.top_p} is outside (0, 1]: use e.g. 0.9, or 1.0 to disable it")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} is negative: use 0 to disable it or a positive count")
+            raise InvalidParameterError(f"top_k={self.top_k} is negative: use 0 to disable it or a positive count")
 
     @property
     def greedy(self) -> bool:

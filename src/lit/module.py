@@ -14,6 +14,7 @@ from src.data.prompts import encode_messages
 from src.decoding.base import DecodingMethod
 from src.decoding.baseline import Baseline
 from src.decoding.sampling import SamplingConfig, make_generator
+from src.errors import InvalidParameterError
 from src.lit.records import compare_with_baseline, error_record, ok_record, resume_key
 from src.lit.system import system_info
 from src.models.pair import ModelPair, load_pair
@@ -53,7 +54,7 @@ class DecodingModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")
+            raise InvalidParameterError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")
         self.target_spec = target
         self.draft_spec = draft
         self.methods = list(methods) if methods else [Baseline()]
@@ -64,10 +65,11 @@ class DecodingModule(L.LightningModule):
         self.seed = seed
         self.warmup = warmup
         self.run_id = uuid.uuid4().hex[:12]
+        self.previous_records: dict[str, dict[str, Any]] = {}  # resume_key -> ok record from an earlier run
         self.pair: ModelPair | None = None  # a plain holder: Lightning must not move or cast these models
         for method in self.methods:
             if method.needs_draft and draft is None:
-                raise ValueError(
+                raise InvalidParameterError(
                     f"method {method.name!r} needs a draft model but model.draft is not set: add a draft preset, "
                     "e.g. --config configs/models/smollm2-135m-bf16.yaml"
                 )
@@ -117,10 +119,14 @@ class DecodingModule(L.LightningModule):
         input_ids = input_ids.to(self.input_device)
         turn = 1
         order = [(batch_idx + i) % len(self.methods) for i in range(len(self.methods))]
-        records = [None] * len(self.methods)
+        records: list[dict[str, Any] | None] = [None] * len(self.methods)
+        reused: list[dict[str, Any]] = []
         for index in order:
             method = self.methods[index]
             common = self._common_fields(batch, turn, method, self.method_keys[index], input_ids.shape[1])
+            if common["resume_key"] in self.previous_records:  # --resume: done in an earlier run
+                reused.append(self.previous_records[common["resume_key"]])
+                continue
             try:
                 generation = self._generate(method, input_ids, self.max_new_tokens, self._prompt_seed(batch["prompt_id"], turn))
                 text = self.pair.tokenizer.decode(generation.tokens, skip_special_tokens=True)
@@ -128,8 +134,9 @@ class DecodingModule(L.LightningModule):
             except Exception as error:  # one failing (prompt, method) must not end the run
                 log.exception("method %s failed on prompt %s", method.name, batch["prompt_id"])
                 records[index] = error_record(common, error)
-        compare_with_baseline(records, self.sampling.greedy)
-        return records
+        new_records = [r for r in records if r is not None]
+        compare_with_baseline(new_records, self.sampling.greedy, reference=reused)
+        return new_records
 
     def _common_fields(self, batch: dict[str, Any], turn: int, method: DecodingMethod, method_key: str, prompt_tokens: int):
         params = {

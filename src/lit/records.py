@@ -69,9 +69,13 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare_with_baseline(records: list[dict[str, Any]], greedy: bool) -> None:
-    """Fill ``speedup`` / ``matches_baseline`` / ``first_divergence`` from the baseline record of the same prompt."""
-    baseline = next((r for r in records if r["method"] == "baseline" and r["status"] == "ok"), None)
+def compare_with_baseline(
+    records: list[dict[str, Any]], greedy: bool, reference: list[dict[str, Any]] = ()
+) -> None:
+    """Fill ``speedup`` / ``matches_baseline`` / ``first_divergence`` from the baseline record of the same prompt
+    (among ``records``, else among ``reference``: records of a resumed run)."""
+    candidates = [*records, *reference]
+    baseline = next((r for r in candidates if r["method"] == "baseline" and r["status"] == "ok"), None)
     if baseline is None:
         return
     for record in records:

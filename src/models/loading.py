@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from src.errors import InvalidParameterError, MissingInputError
 from src.models.embedded import ensure_converted, is_embedded
 from src.models.spec import ModelSpec
 
@@ -42,7 +42,7 @@ def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
     path = Path(spec.name_or_path).expanduser()
     if path.exists():
         if spec.gguf_file and not (path / spec.gguf_file).is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"gguf_file {spec.gguf_file!r} is not in {path}: files there are "
                 f"{sorted(p.name for p in path.iterdir())}"
             )
@@ -50,7 +50,7 @@ def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
     if spec.name_or_path.startswith(("/", "./", "../", "~")) or not _is_hub_id(spec.name_or_path):
         parent = path.parent if path.parent.exists() else Path(".")
         present = sorted(p.name for p in parent.iterdir())[:20]
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"model path {spec.name_or_path!r} does not exist and is not a hub id (owner/name); "
             f"{parent} holds {present}; the embedded model is 'embedded:smollm2-135m-instruct'"
         )
@@ -97,7 +97,7 @@ def _clear_gguf_quantized_flag(model) -> None:
 
 
 def _unsupported_gguf(error: Exception, where: str) -> Exception:
-    return ValueError(f"transformers cannot load the GGUF {where}: {error} (convert it to safetensors first)")
+    return InvalidParameterError(f"transformers cannot load the GGUF {where}: {error} (convert it to safetensors first)")
 
 
 def load_gguf_unquantized(folder: Path | str, gguf_file: str, dtype: torch.dtype = torch.float32):
@@ -121,7 +121,7 @@ def _make_resident(model) -> None:
     classes (bitsandbytes) were created in memory already.
     """
     for module in model.modules():
-        for name, param in list(module._parameters.items()):
+        for param in list(module._parameters.values()):
             if param is not None and type(param) is torch.nn.Parameter and param.device.type == "cpu":
                 param.data = param.data.clone()
         for name, buffer in list(module._buffers.items()):

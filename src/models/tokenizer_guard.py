@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from src.errors import IncompatibleModelsError
+
 PROBE_TEXT = "Speculative decoding: 12 tokens/s, naïve café — ½ × π ≈ 1.57!\n\tdef f(x): return x**2  # 你好"
 
 
-class TokenizerMismatchError(ValueError):
-    pass
+class TokenizerMismatchError(IncompatibleModelsError):
+    """Draft and target tokenizers differ (vocabulary, special tokens or encoding)."""
 
 
 def _special_tokens(tokenizer) -> dict[str, tuple[str | None, int | None]]:

@@ -1,0 +1,38 @@
+# sp-samp: every entry point a newcomer needs. `make help` lists them.
+# Set-up runs on first use of any target that needs it; it is idempotent and quick afterwards.
+
+VENV            ?= .venv
+PYTHON          ?= python3
+TORCH_VERSION   ?= 2.13.0
+TORCH_INDEX_URL ?=
+CONFIG          ?= configs/baseline.yaml
+ARGS            ?=
+PY              := $(VENV)/bin/python
+SETUP_ENV       := VENV=$(VENV) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_INDEX_URL=$(TORCH_INDEX_URL)
+
+.PHONY: help setup predict test test-all lint list-presets clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+setup:  ## create .venv, install pinned torch, the project, the embedded model and MT-Bench
+	@$(SETUP_ENV) bash scripts/setup.sh
+
+predict: setup  ## decode MT-Bench with the default config (CONFIG=..., ARGS="--data.limit 3")
+	$(PY) -m src predict --config $(CONFIG) $(ARGS)
+
+test: setup  ## run the default test suite (everything but tests marked slow)
+	$(PY) -m pytest -m "not slow" -q $(ARGS)
+
+test-all: setup  ## run every test, the slow end-to-end ones included
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup  ## ruff over the code and tests
+	$(PY) -m ruff check src tests
+
+list-presets:  ## list the shipped configs and model presets, one line each
+	@for f in configs/*.yaml configs/models/*.yaml; do \
+		printf "  %-44s %s\n" "$$f" "$$(grep -m1 '^#' $$f | sed 's/^# *//')"; done
+
+clean:  ## remove caches and build outputs (keeps .venv, datasets/ and results)
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info lightning_logs
