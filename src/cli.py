@@ -85,7 +85,12 @@ class SpSampCLI(LightningCLI):
             check_headless()
 
 
-def cli_main(args: list[str] | None = None) -> SpSampCLI:
+def cli_main(args: list[str] | None = None, run: bool = True) -> SpSampCLI:
+    """Parse ``args`` (default: the command line), build model, data and trainer, and run the subcommand.
+
+    ``run=False`` only builds them (tests use it to check that every shipped config instantiates); ``args``
+    then omit the subcommand.
+    """
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # lightning's own, not actionable here
     check_config_paths(sys.argv[1:] if args is None else list(args))
     return SpSampCLI(
@@ -97,4 +102,5 @@ def cli_main(args: list[str] | None = None) -> SpSampCLI:
         seed_everything_default=0,
         trainer_defaults={"logger": False, "enable_checkpointing": False, "devices": 1},
         args=args,
+        run=run,
     )

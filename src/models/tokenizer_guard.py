@@ -21,6 +21,15 @@ def tokenizer_differences(target_tokenizer, draft_tokenizer) -> list[str]:
     problems = []
     if len(target_tokenizer) != len(draft_tokenizer):
         problems.append(f"vocabulary size {len(target_tokenizer)} vs {len(draft_tokenizer)}")
+    else:
+        target_vocab, draft_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+        moved = [token for token, index in target_vocab.items() if draft_vocab.get(token) != index]
+        if moved:
+            example = moved[0]
+            problems.append(
+                f"{len(moved)} tokens map to other ids (e.g. {example!r}: {target_vocab[example]} vs "
+                f"{draft_vocab.get(example)})"
+            )
     target_special, draft_special = _special_tokens(target_tokenizer), _special_tokens(draft_tokenizer)
     for name in target_special:
         if target_special[name] != draft_special[name] and name != "pad_token":

@@ -1,0 +1,368 @@
+"""SpecExec (Svirschevski et al., NeurIPS 2024): a best-first draft tree, verified in one target forward.
+
+Each iteration (``p`` = target, ``q`` = draft, both through :func:`logits_to_probs`):
+
+a. **Grow** a token tree from the root (the last committed token) by best-first search on the draft.
+   score(node) = log q(path from the root to the node) = sum of log q along the path. Each round runs ONE
+   batched draft forward over the ``max_beams`` best unexpanded nodes (4D tree mask, position = prefix length
+   + depth), every expanded node proposes its top ``max_branch_width`` children, and only the ``budget`` best
+   nodes of the whole tree are kept. Growth stops after ``max_depth`` rounds or when a round's children all
+   fall outside the best ``budget``.
+b. **Verify** the whole tree in ONE target forward with the same kind of mask: p at every node.
+c. **Sample exactly from p**: draw t ~ p(. | root); while t is a child of the current node, descend to it and
+   draw again from p there. The first draw that leaves the tree is emitted too and ends the iteration.
+   Every emitted token is a draw from the target's conditional distribution given the tokens before it,
+   whatever the tree: the method is lossless at any temperature / top-k / top-p, and greedy reproduces the
+   target's greedy output. The tree only decides how many draws one target forward pays for.
+d. **Compact** both KV caches to prefix + accepted path with :func:`keep_cache_positions`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from src.decoding.base import DecodingMethod, check_generate_args, model_logits
+from src.decoding.kv import cache_length, keep_cache_positions, new_cache
+from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
+from src.decoding.stats import Generation, GenerationStats, StageTimer
+from src.decoding.tree import (
+    DraftTree,
+    attention_mask,
+    draft_round_visibility,
+    tree_position_ids,
+    verify_visibility,
+)
+from src.errors import InvalidParameterError
+
+# Tree scoring under greedy decoding: the raw draft softmax (see SpecExec.generate).
+_GREEDY_SCORING = SamplingConfig(temperature=1.0)
+
+
+def vocab_width(model) -> int:
+    """Number of token ids the model can read and score (config.vocab_size, else its output layer's width)."""
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if size is None and hasattr(model, "get_output_embeddings"):
+        size = model.get_output_embeddings().weight.shape[0]
+    if size is None:
+        raise TypeError(f"cannot tell the vocabulary size of {type(model).__name__}: give it config.vocab_size")
+    return int(size)
+
+
+class SpecExec(DecodingMethod):
+    """SpecExec: exact sampling from the target along a best-first draft tree (see the module docstring).
+
+    Args:
+        budget: maximum number of drafted tree nodes (root excluded) verified per target forward.
+        max_depth: maximum number of growth rounds (draft forwards) per iteration, hence the tree depth.
+        max_beams: nodes expanded per growth round, in one batched draft forward
+            (``parallel_branches`` in the older tool).
+        max_branch_width: children proposed by each expanded node (its top tokens under q).
+        prune_threshold: children whose cumulative draft probability q(path) is below it are dropped
+            (0 keeps every child with q > 0; ``branch_prune_threshold`` in the older tool).
+
+    Statistics: ``record_step(drafted, accepted)`` once per target verification, with
+    ``drafted`` = the tree depth (the positions for which the tree offered some token; the analogue of the
+    chain length gamma, independent of which branch got accepted) and ``accepted`` = tree tokens accepted
+    (the token drawn after leaving the tree is not counted). ``stats.extra`` holds per-iteration lists
+    ``tree_size`` (drafted nodes, root excluded), ``tree_depth``, ``draft_forwards``, ``accepted_length``
+    (= accepted), ``leaves`` (active branches), ``candidates_generated`` (children proposed with q > 0) and
+    ``candidates_kept`` (of those, the ones in the final tree), and per generation ``max_active_branches``,
+    ``branch_prune_rate`` (candidates dropped / generated), ``effective_parallelism`` (tree tokens, root
+    included, per verification forward), ``tree_size_mean`` and ``tree_depth_mean``.
+    """
+
+    name = "specexec"
+    needs_draft = True
+
+    def __init__(
+        self,
+        budget: int = 32,
+        max_depth: int = 8,
+        max_beams: int = 8,
+        max_branch_width: int = 8,
+        prune_threshold: float = 0.0,
+    ) -> None:
+        for label, value in (
+            ("budget", budget),
+            ("max_depth", max_depth),
+            ("max_beams", max_beams),
+            ("max_branch_width", max_branch_width),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(f"{label}={value!r} is invalid: use an integer >= 1")
+        if not 0.0 <= prune_threshold < 1.0:
+            raise InvalidParameterError(
+                f"prune_threshold={prune_threshold!r} is outside [0, 1): use 0.0 to disable pruning or e.g. 1e-4"
+            )
+        self.budget = budget
+        self.max_depth = max_depth
+        self.max_beams = max_beams
+        self.max_branch_width = max_branch_width
+        self.prune_threshold = float(prune_threshold)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget,
+            "max_depth": self.max_depth,
+            "max_beams": self.max_beams,
+            "max_branch_width": self.max_branch_width,
+            "prune_threshold": self.prune_threshold,
+        }
+
+    def tree_capacity(self, vocab: int) -> int:
+        """Every node ever created in one iteration: the root, its children, then max_beams * width per round."""
+        width = min(self.max_branch_width, vocab)
+        return 1 + width + (self.max_depth - 1) * self.max_beams * width
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        target,
+        draft,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        eos_token_ids: set[int],
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        check_generate_args(input_ids, max_new_tokens)
+        if draft is None:
+            raise InvalidParameterError("specexec needs a draft model: configure one, or use the baseline method")
+        device = input_ids.device
+        vocab = min(vocab_width(target), vocab_width(draft))
+        # Tree scoring: under sampling, the same warped q as everywhere. Under greedy, q would be one-hot and
+        # the tree a single chain (every other child scores log 0); the raw softmax (temperature 1) instead
+        # ranks the draft's alternatives by how likely it finds them, its best guess at where the target's
+        # argmax lies. Exactness never depends on the tree, only the acceptance length does.
+        scoring = _GREEDY_SCORING if sampling.greedy else sampling
+        stop_tokens = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
+        tree = DraftTree(self.tree_capacity(vocab))
+        target_cache, draft_cache = new_cache(), new_cache()
+        committed = input_ids[0].tolist()  # prompt + emitted tokens; the last one (the root) is in no cache
+        tokens: list[int] = []
+        stats = GenerationStats()
+        log: dict[str, list[int]] = {key: [] for key in _PER_ITERATION}
+
+        # Step 1: prefill prompt[:-1] into both caches; the last prompt token is the first iteration's root.
+        with StageTimer(device) as prefill:
+            if len(committed) > 1:
+                model_logits(target, input_ids[:, :-1], target_cache)
+                model_logits(draft, input_ids[:, :-1], draft_cache)
+                stats.target_calls += 1
+                stats.draft_calls += 1
+        stats.prefill_s = prefill.elapsed
+
+        # Step 2: grow, verify, walk, compact until EOS or max_new_tokens.
+        with StageTimer(device) as decode:
+            while True:
+                # A tree path of depth d yields at most d + 1 tokens: cap d by what may still be emitted.
+                depth_cap = min(self.max_depth, max_new_tokens - len(tokens) - 1)
+                tree.reset(committed[-1], depth_cap, stop_tokens)
+                slots, draft_forwards, generated = self._grow_tree(
+                    draft, draft_cache, tree, committed, scoring, vocab, device
+                )
+                nodes = tree.node_ids()  # (n,) drafted nodes in creation order
+                logits = self._verify_tree(target, target_cache, tree, nodes, committed, vocab, device)  # (1 + n, V)
+                emitted, accepted = self._walk_tree(tree, nodes, logits, sampling, generator, eos_token_ids)
+                self._compact_caches(target_cache, draft_cache, nodes, slots, accepted, len(committed))
+                committed.extend(emitted)
+                tokens.extend(emitted)
+
+                stats.target_calls += 1
+                stats.draft_calls += draft_forwards
+                tree_depth = tree.depth()
+                stats.record_step(drafted=tree_depth, accepted=len(accepted))
+                for key, value in (
+                    ("tree_size", nodes.numel()),
+                    ("tree_depth", tree_depth),
+                    ("draft_forwards", draft_forwards),
+                    ("accepted_length", len(accepted)),
+                    ("leaves", tree.leaves()),
+                    ("candidates_generated", generated),
+                    ("candidates_kept", nodes.numel()),
+                ):
+                    log[key].append(value)
+                if tokens[-1] in eos_token_ids or len(tokens) >= max_new_tokens:
+                    break
+        stats.decode_s = decode.elapsed
+        stats.extra.update(log)
+        stats.extra.update(_summarize(log))
+        stopped_by = "eos" if tokens[-1] in eos_token_ids else "max_new_tokens"
+        return Generation(tokens=tokens, stats=stats, stopped_by=stopped_by)
+
+    # ----------------------------------------------------------------------------------- stage a: grow
+    def _grow_tree(
+        self,
+        draft,
+        cache,
+        tree: DraftTree,
+        committed: list[int],
+        scoring: SamplingConfig,
+        vocab: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, int, int]:
+        """Best-first growth on the draft. Returns (slots, draft forwards, candidates generated), where
+        ``slots`` (s,) lists the expanded non-root nodes in the order their KV entries follow the prefix."""
+        slots = torch.zeros(0, dtype=torch.long)
+        if not tree.expandable[0]:
+            return slots, 0, 0
+        root_position = len(committed) - 1
+
+        # Step 1: expand the root: one causal forward over the committed tokens the draft has not cached yet
+        # (the root, plus the last accepted node when the draft never ran on it); q(. | root) is the last row.
+        chain = torch.tensor([committed[cache_length(cache) :]], device=device)
+        logits = model_logits(draft, chain, cache)[0, -1:, :vocab]  # (1, V)
+        generated, _ = self._expand(tree, torch.zeros(1, dtype=torch.long), logits, scoring)
+        forwards = 1
+
+        # Step 2: each further round expands the max_beams best open nodes in one batched forward. The draft
+        # cache holds prefix (root included, root_position + 1 entries) then ``slots``; a node sees the prefix,
+        # its expanded ancestors and itself, at position root_position + depth.
+        for _ in range(self.max_depth - 1):
+            batch = tree.frontier(self.max_beams)  # (b,)
+            if batch.numel() == 0:
+                break
+            mask = attention_mask(root_position + 1, draft_round_visibility(tree, batch, slots), device)
+            positions = tree_position_ids(tree, batch, root_position)[None].to(device)  # (1, b)
+            batch_tokens = tree.tokens[batch][None].to(device)  # (1, b)
+            logits = model_logits(draft, batch_tokens, cache, positions, mask)[0, :, :vocab]  # (b, V)
+            slots = torch.cat([slots, batch])
+            forwards += 1
+            new, entered = self._expand(tree, batch, logits, scoring)
+            generated += new
+            if not entered:
+                break  # every child of this round fell outside the best `budget`
+        return slots, forwards, generated
+
+    def _expand(
+        self, tree: DraftTree, batch: torch.Tensor, logits: torch.Tensor, scoring: SamplingConfig
+    ) -> tuple[int, bool]:
+        """Add the top-``max_branch_width`` children of ``batch`` (b,) from draft logits (b, V), then keep the
+        best ``budget`` nodes. Returns (children proposed with q > 0, whether any new child was kept)."""
+        # Step 1: q(. | path to node) and each node's most likely children, log q(child) = -inf where q = 0.
+        q = logits_to_probs(logits, scoring)  # (b, V)
+        top = torch.topk(q, min(self.max_branch_width, q.shape[-1]), dim=-1)
+        child_logq = top.values.to(torch.float64).log().cpu()  # (b, k)
+        # Step 2: score(child) = score(node) + log q(child); insert, then prune the tree to the best `budget`.
+        tree.expanded[batch] = True
+        ids, proposed = tree.add_children(batch, top.indices.cpu(), child_logq, self.prune_threshold)
+        tree.prune_to_budget(self.budget)
+        return proposed, bool(tree.alive[ids].any())
+
+    # ----------------------------------------------------------------------------------- stage b: verify
+    def _verify_tree(
+        self,
+        target,
+        cache,
+        tree: DraftTree,
+        nodes: torch.Tensor,
+        committed: list[int],
+        vocab: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """One target forward over (uncached committed chain ending at the root) + tree nodes.
+        Returns logits (1 + n, V): row 0 = p(. | root), row 1 + i = p(. | path to nodes[i])."""
+        cached = cache_length(cache)
+        chain = committed[cached:]  # (m,) normally just the root
+        root_position = len(committed) - 1
+        input_ids = torch.cat([torch.tensor(chain), tree.tokens[nodes]])[None].to(device)  # (1, m + n)
+        if nodes.numel() == 0:
+            logits = model_logits(target, input_ids, cache)
+        else:
+            positions = torch.cat([torch.arange(cached, root_position + 1), tree_position_ids(tree, nodes, root_position)])
+            mask = attention_mask(cached, verify_visibility(tree, nodes, len(chain)), device)  # (1, 1, m+n, cached+m+n)
+            logits = model_logits(target, input_ids, cache, positions[None].to(device), mask)
+        return logits[0, len(chain) - 1 :, :vocab]
+
+    # ----------------------------------------------------------------------------------- stage c: walk
+    @staticmethod
+    def _walk_tree(
+        tree: DraftTree,
+        nodes: torch.Tensor,
+        logits: torch.Tensor,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        eos_token_ids: set[int],
+    ) -> tuple[list[int], list[int]]:
+        """Draw t ~ p(. | node) from the root down while t is a child of the node in the tree.
+        Returns (emitted tokens, accepted node ids); emitted = accepted tokens + the draw that left the tree
+        (absent when an accepted token is EOS)."""
+        row_of = {node: row for row, node in enumerate(nodes.tolist(), start=1)}
+        child_of = tree.child_index(nodes)
+        greedy_choice = logits_to_probs(logits, sampling).argmax(-1).tolist() if sampling.greedy else None
+        emitted: list[int] = []
+        accepted: list[int] = []
+        node, row = 0, 0
+        while True:
+            # Step 1: t ~ p(. | path to node), the exact target conditional (one-hot argmax when greedy).
+            if greedy_choice is not None:
+                token = greedy_choice[row]
+            else:
+                token = int(sample(logits_to_probs(logits[row], sampling), generator))
+            emitted.append(token)
+            # Step 2: descend when t was drafted under this node; otherwise t ends the iteration.
+            child = child_of.get((node, token))
+            if child is None:
+                break
+            accepted.append(child)
+            if token in eos_token_ids:
+                break
+            node, row = child, row_of[child]
+        return emitted, accepted
+
+    # ----------------------------------------------------------------------------------- stage d: compact
+    @staticmethod
+    def _compact_caches(
+        target_cache, draft_cache, nodes: torch.Tensor, slots: torch.Tensor, accepted: list[int], prefix_len: int
+    ) -> None:
+        """Keep prefix + accepted path in both caches (the last emitted token stays uncached: next root).
+
+        Target: it holds ``prefix_len`` committed entries then one entry per node of ``nodes`` (creation order),
+        so node ``nodes[i]`` sits at prefix_len + i. ``keep_cache_positions`` gathers the accepted nodes'
+        entries (root-to-leaf order) with ``index_select`` and writes them right after the prefix, where a
+        sequential decode would have put them: their positions were prefix_len - 1 + depth = prefix_len + i-th
+        step, so the rotary encodings stay valid. Draft: it holds the prefix then ``slots`` (expanded nodes in
+        expansion order); only expanded nodes have entries, and those of an accepted path form a prefix of it
+        (a node is created only once its parent is expanded), so the draft keeps that prefix and is fed the
+        rest of the committed tokens at the next root expansion.
+        """
+        if nodes.numel():
+            index_of = {node: i for i, node in enumerate(nodes.tolist())}
+            keep_cache_positions(target_cache, prefix_len, torch.tensor([index_of[a] for a in accepted], dtype=torch.long))
+        if slots.numel():
+            slot_of = {node: i for i, node in enumerate(slots.tolist())}
+            kept: list[int] = []
+            for node in accepted:
+                if node not in slot_of:
+                    break
+                kept.append(slot_of[node])
+            keep_cache_positions(draft_cache, prefix_len, torch.tensor(kept, dtype=torch.long))
+
+
+_PER_ITERATION = (
+    "tree_size",
+    "tree_depth",
+    "draft_forwards",
+    "accepted_length",
+    "leaves",
+    "candidates_generated",
+    "candidates_kept",
+)
+
+
+def _summarize(log: dict[str, list[int]]) -> dict[str, float | int | None]:
+    """Per-generation tree statistics from the per-iteration lists."""
+    iterations = len(log["tree_size"])
+    generated = sum(log["candidates_generated"])
+    kept = sum(log["candidates_kept"])
+    return {
+        "max_active_branches": max(log["leaves"], default=0),
+        "branch_prune_rate": (generated - kept) / generated if generated else 0.0,
+        "effective_parallelism": (sum(log["tree_size"]) + iterations) / iterations if iterations else None,
+        "tree_size_mean": sum(log["tree_size"]) / iterations if iterations else None,
+        "tree_depth_mean": sum(log["tree_depth"]) / iterations if iterations else None,
+    }
+
+
