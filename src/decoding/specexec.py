@@ -172,14 +172,14 @@ class SpecExec(DecodingMethod):
 
                 stats.target_calls += 1
                 stats.draft_calls += draft_forwards
-                tree_depth = tree.depth()
+                tree_depth = tree.depth(nodes)
                 stats.record_step(drafted=tree_depth, accepted=len(accepted))
                 for key, value in (
                     ("tree_size", nodes.numel()),
                     ("tree_depth", tree_depth),
                     ("draft_forwards", draft_forwards),
                     ("accepted_length", len(accepted)),
-                    ("leaves", tree.leaves()),
+                    ("leaves", tree.leaves(nodes)),
                     ("candidates_generated", generated),
                     ("candidates_kept", nodes.numel()),
                 ):

@@ -20,6 +20,8 @@ committed tokens with :func:`src.decoding.kv.truncate_cache`.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from src.decoding.base import DecodingMethod, check_generate_args, model_logits
@@ -202,6 +204,5 @@ def input_device(model) -> torch.device:
     """Where a model's input ids go: its input embeddings' device (HF models), else its first tensor's."""
     if hasattr(model, "get_input_embeddings"):
         return model.get_input_embeddings().weight.device
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

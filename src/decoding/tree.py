@@ -72,30 +72,36 @@ class DraftTree:
         parent's top-k draft tokens and their log q. Children with q = 0, or whose cumulative probability
         exp(score) is below ``min_prob``, are not added. Returns (new node ids, number of candidates with q > 0).
         """
-        # Step 1: score(child) = score(parent) + log q(child | path); float64 and log q <= 0 keep score(child) <= score(parent).
-        scores = self.scores[parent_ids].unsqueeze(1) + child_logq.to(torch.float64)  # (b, k)
-        proposed = torch.isfinite(child_logq)
-        keep = proposed
+        # Step 1: score(child) = score(parent) + log q(child | path), flattened parent-major (b * k,).
+        # float64, and log q <= 0 rounds to score(child) <= score(parent) (pruning relies on it).
+        k = child_logq.shape[1]
+        scores = (self.scores[parent_ids].unsqueeze(1) + child_logq.to(torch.float64)).view(-1)
+        keep = scores > -math.inf  # q > 0
+        proposed = int(keep.sum())
         if min_prob > 0:
-            keep = keep & (scores >= math.log(min_prob))
-        rows, cols = keep.nonzero(as_tuple=True)
-        count = rows.numel()
-        if self.size + count > self.capacity:
-            raise RuntimeError(f"tree capacity {self.capacity} exceeded by {self.size + count} nodes (a sizing bug)")
-        ids = torch.arange(self.size, self.size + count)
-        parents = parent_ids[rows]
-        # Step 2: write the new rows (ancestors[child] = ancestors[parent] + itself).
-        self.tokens[ids] = child_tokens[rows, cols]
-        self.parents[ids] = parents
-        self.depths[ids] = self.depths[parents] + 1
-        self.scores[ids] = scores[rows, cols]
-        self.alive[ids] = True
-        self.expanded[ids] = False
-        self.expandable[ids] = (self.depths[ids] < self.depth_cap) & ~torch.isin(self.tokens[ids], self.stop_tokens)
-        self.ancestors[ids] = self.ancestors[parents]
-        self.ancestors[ids, ids] = True
-        self.size += count
-        return ids, int(proposed.sum())
+            keep &= scores >= math.log(min_prob)
+        kept = keep.nonzero().squeeze(1)  # flat indices of the added children
+        start, end = self.size, self.size + kept.numel()
+        if end > self.capacity:
+            raise RuntimeError(f"tree capacity {self.capacity} exceeded by {end} nodes (a sizing bug)")
+        # Step 2: write rows start..end; ancestors[child] = ancestors[parent] + itself.
+        parents = parent_ids[kept // k]
+        tokens = child_tokens.reshape(-1)[kept]
+        depths = self.depths[parents] + 1
+        expandable = depths < self.depth_cap
+        if self.stop_tokens.numel():
+            expandable &= ~torch.isin(tokens, self.stop_tokens)
+        self.tokens[start:end] = tokens
+        self.parents[start:end] = parents
+        self.depths[start:end] = depths
+        self.scores[start:end] = scores[kept]
+        self.alive[start:end] = True
+        self.expanded[start:end] = False
+        self.expandable[start:end] = expandable
+        self.ancestors[start:end] = self.ancestors[parents]
+        self.ancestors[start:end, start:end].fill_diagonal_(True)
+        self.size = end
+        return torch.arange(start, end), proposed
 
     def prune_to_budget(self, budget: int) -> None:
         """Keep the ``budget`` best non-root nodes by score (ties: the older node wins).
@@ -122,13 +128,14 @@ class DraftTree:
         """Alive non-root nodes in creation (= topological) order, (n,) long."""
         return self.alive[1 : self.size].nonzero().squeeze(1) + 1
 
-    def depth(self) -> int:
-        nodes = self.node_ids()
+    def depth(self, nodes: torch.Tensor | None = None) -> int:
+        """Depth of the deepest alive node (0 for a bare root); ``nodes`` = :meth:`node_ids` if known."""
+        nodes = self.node_ids() if nodes is None else nodes
         return int(self.depths[nodes].max()) if nodes.numel() else 0
 
-    def leaves(self) -> int:
+    def leaves(self, nodes: torch.Tensor | None = None) -> int:
         """Number of alive non-root nodes without an alive child (the tree's active branches)."""
-        nodes = self.node_ids()
+        nodes = self.node_ids() if nodes is None else nodes
         if nodes.numel() == 0:
             return 0
         has_child = torch.zeros(self.size, dtype=torch.bool)
