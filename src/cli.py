@@ -7,6 +7,7 @@ is how the model presets under ``configs/models/`` are combined with a method co
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -15,7 +16,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from src.lit.reporting import MetricsReporter
 from src.lit.results import ResultsWriter, check_output_path
+from src.metrics import format_summary_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -72,9 +75,17 @@ class SpSampCLI(LightningCLI):
         self.results_writer = ResultsWriter(output, resume=config.resume)
         self.model.previous_records = self.results_writer.previous
         self.trainer.callbacks.append(self.results_writer)
+        self.reporter = MetricsReporter(config=self.config_dict())
+        self.trainer.callbacks.append(self.reporter)
+
+    def config_dict(self) -> dict:
+        """The resolved configuration of this run (JSON-safe), for the loggers."""
+        return json.loads(json.dumps(self.config[self.subcommand].as_dict(), default=str))
 
     def after_predict(self) -> None:
         writer = self.results_writer
+        if self.reporter.summary and self.trainer.is_global_zero:
+            print("\n" + format_summary_table(self.reporter.summary))
         skipped = f", {len(writer.previous)} already done" if writer.previous else ""
         print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}")
         if writer.written and not writer.ok:

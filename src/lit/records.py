@@ -38,6 +38,8 @@ def ok_record(common: dict[str, Any], generation: Generation, text: str) -> dict
         "accepted_per_position": [
             a / d if d else None for a, d in zip(stats.accepted_per_position, stats.drafted_per_position)
         ],
+        "accepted_counts_per_position": stats.accepted_per_position,
+        "drafted_counts_per_position": stats.drafted_per_position,
         "speedup": None,
         "matches_baseline": None,
         "first_divergence": None,
