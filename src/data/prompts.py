@@ -1,20 +1,32 @@
-"""Prompt files (MT-Bench / Spec-Bench JSONL) and chat formatting.
+"""Prompt sources and chat formatting.
 
-An MT-Bench line: ``{"question_id": 81, "category": "writing", "turns": ["...", "..."]}``; Spec-Bench adds
-an optional ``"reference": [...]``.
+Formats (``format: auto`` detects them line by line):
+
+- ``mt_bench``: MT-Bench / Spec-Bench, ``{"question_id", "category", "turns": [...], "reference": [...]?}``;
+- ``gsm8k``: ``{"question", "answer"}`` where the answer ends in ``#### <number>`` (kept as the reference);
+- ``jsonl``: any JSON object with a text field (``text_field``, default ``prompt``) and optional
+  ``id`` / ``category`` fields.
+
+A hub dataset (``hub:<name>[:<config>]``, split from ``split``) is read through the ``datasets`` library
+when it is installed; its rows go through the same parsers.
 """
 
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
 
 MT_BENCH_HINT = "`make setup` puts MT-Bench into datasets/mt_bench.jsonl"
+HUB_PREFIX = "hub:"
+PromptFormat = Literal["auto", "mt_bench", "gsm8k", "jsonl"]
 
 
 @dataclass
@@ -26,8 +38,51 @@ class Prompt:
     reference: list[str] = field(default_factory=list)
 
 
-def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """Read a MT-Bench-format JSONL file; a bad line raises an error naming file and line."""
+def gsm8k_final_answer(answer: str) -> str:
+    """The number after ``####`` in a GSM8K answer (commas removed)."""
+    return answer.rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, text_field: str) -> Prompt:
+    if not isinstance(row, dict):
+        raise TypeError(f"a prompt line must be a JSON object, got {type(row).__name__}")
+    if fmt == "auto":
+        fmt = "mt_bench" if "turns" in row else "gsm8k" if {"question", "answer"} <= row.keys() else "jsonl"
+    if fmt == "mt_bench":
+        turns = row["turns"]
+        if isinstance(turns, str):
+            turns = [turns]
+        if not turns or not all(isinstance(t, str) for t in turns):
+            raise ValueError("'turns' must be a non-empty list of strings")
+        return Prompt(
+            prompt_id=str(row["question_id"]),
+            category=str(row.get("category", "default")),
+            turns=list(turns),
+            dataset=dataset,
+            reference=list(row.get("reference") or []),
+        )
+    if fmt == "gsm8k":
+        return Prompt(
+            prompt_id=str(row.get("id", row.get("question_id", index))),
+            category=str(row.get("category", "math")),
+            turns=[str(row["question"])],
+            dataset=dataset,
+            reference=[str(row["answer"])],
+        )
+    text = row[text_field]
+    if not isinstance(text, str):
+        raise ValueError(f"field {text_field!r} must be a string")
+    return Prompt(
+        prompt_id=str(row.get("id", row.get("question_id", index))),
+        category=str(row.get("category", "default")),
+        turns=[text],
+        dataset=dataset,
+        reference=[str(r) for r in (row.get("reference") or [])] if isinstance(row.get("reference"), list) else [],
+    )
+
+
+def read_prompt_file(path: str | Path, fmt: PromptFormat = "auto", text_field: str = "prompt") -> list[Prompt]:
+    """Read a JSONL prompt file; a bad line raises an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"prompt file {path} does not exist ({MT_BENCH_HINT}, or pass --data.path FILE)")
@@ -37,36 +92,52 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                turns = row["turns"]
-                if isinstance(turns, str):
-                    turns = [turns]
-                if not turns or not all(isinstance(t, str) for t in turns):
-                    raise ValueError("'turns' must be a non-empty list of strings")
-                prompts.append(
-                    Prompt(
-                        prompt_id=str(row["question_id"]),
-                        category=str(row.get("category", "default")),
-                        turns=list(turns),
-                        dataset=path.stem,
-                        reference=list(row.get("reference") or []),
-                    )
-                )
+                prompts.append(parse_row(json.loads(line), line_number, path.stem, fmt, text_field))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                detail = f"missing field {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
                 raise MalformedInputError(
-                    f"{path}:{line_number}: malformed prompt line ({type(error).__name__}: {error}); "
-                    "expected {\"question_id\", \"category\", \"turns\": [...]}"
+                    f"{path}:{line_number}: malformed prompt line ({detail}); expected format {fmt!r} "
+                    '(MT-Bench: {"question_id", "category", "turns": [...]}; GSM8K: {"question", "answer"}; '
+                    f"jsonl: {{{text_field!r}: ...}})"
                 ) from error
     return prompts
 
 
-def select_prompts(prompts: list[Prompt], categories: list[str] | None, limit: int | None, source: str) -> list[Prompt]:
+def read_hub_dataset(spec: str, split: str, fmt: PromptFormat, text_field: str) -> list[Prompt]:
+    """``hub:<name>[:<config>]`` through the ``datasets`` library (needs network access to the hub)."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise MissingInputError(f"reading {spec!r} needs the `datasets` package: pip install datasets") from error
+    name, _, config = spec[len(HUB_PREFIX):].partition(":")
+    rows: Iterable[dict[str, Any]] = datasets.load_dataset(name, config or None, split=split)
+    dataset = name.split("/")[-1]
+    prompts = []
+    for index, row in enumerate(rows):
+        try:
+            prompts.append(parse_row(dict(row), index, dataset, fmt, text_field))
+        except (KeyError, TypeError, ValueError) as error:
+            raise MalformedInputError(f"{spec} row {index}: malformed ({type(error).__name__}: {error})") from error
+    return prompts
+
+
+def select_prompts(
+    prompts: list[Prompt],
+    categories: list[str] | None,
+    limit: int | None,
+    source: str,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> list[Prompt]:
     if categories:
         present = sorted({p.category for p in prompts})
         unknown = [c for c in categories if c not in present]
         if unknown:
             raise InvalidParameterError(f"unknown categories {unknown} in {source}: present are {present}")
         prompts = [p for p in prompts if p.category in categories]
+    if shuffle:
+        prompts = list(prompts)
+        random.Random(seed).shuffle(prompts)
     if limit is not None:
         if limit < 1:
             raise InvalidParameterError(f"limit={limit} is invalid: use a positive number of prompts, or null for all")
@@ -85,3 +156,11 @@ def encode_messages(tokenizer, messages: list[dict[str, str]], use_chat_template
         return encoded["input_ids"]
     text = "\n\n".join(m["content"] for m in messages)
     return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def truncate_left(input_ids: torch.Tensor, max_prompt_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """Keep the last ``max_prompt_tokens`` tokens (the end of a prompt matters most); returns (ids, dropped)."""
+    if max_prompt_tokens is None or input_ids.shape[1] <= max_prompt_tokens:
+        return input_ids, 0
+    dropped = input_ids.shape[1] - max_prompt_tokens
+    return input_ids[:, dropped:], dropped

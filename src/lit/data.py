@@ -1,13 +1,22 @@
-"""Prompt DataModule: yields one prompt per predict step."""
+"""Prompt DataModule: yields one prompt (all its turns) per predict step."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from src.data.prompts import Prompt, read_prompt_file, select_prompts
+from src.data.prompts import (
+    HUB_PREFIX,
+    Prompt,
+    PromptFormat,
+    read_hub_dataset,
+    read_prompt_file,
+    select_prompts,
+)
+from src.errors import InvalidParameterError
 
 
 def _single_item(item):
@@ -15,44 +24,78 @@ def _single_item(item):
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Prompts from a MT-Bench / Spec-Bench format JSONL file.
+    """Prompts from a JSONL file (MT-Bench / Spec-Bench, GSM8K, or any JSONL with a text field) or a hub dataset.
 
     Args:
-        path: the JSONL file (``make setup`` provides ``datasets/mt_bench.jsonl``).
+        path: the JSONL file (``make setup`` provides ``datasets/mt_bench.jsonl``), or ``hub:<name>[:<config>]``
+            to read a hub dataset through the ``datasets`` library.
+        format: ``auto`` (detect per line), ``mt_bench``, ``gsm8k`` or ``jsonl``.
+        text_field: the prompt field of ``jsonl`` rows.
+        split: split of a hub dataset.
         categories: keep only these categories (default: all).
-        limit: keep the first N prompts after filtering (default: all).
+        limit: keep the first N prompts after filtering and shuffling (default: all).
+        turns: ``1`` decodes the first turn only; ``2`` also decodes MT-Bench's second turn, conditioned on the
+            method's own first answer (as Spec-Bench does).
         chat_template: format prompts with the tokenizer's chat template.
-        system_prompt: a system message placed before the user turn (default: the template's own).
+        system_prompt: a system message placed before the first user turn (default: the template's own).
+        max_prompt_tokens: keep only the last N prompt tokens (with a warning) when a prompt is longer.
+        shuffle: shuffle the prompts (with ``seed``) before ``limit`` applies.
+        seed: the shuffle seed.
     """
 
     def __init__(
         self,
         path: str = "datasets/mt_bench.jsonl",
+        format: PromptFormat = "auto",
+        text_field: str = "prompt",
+        split: str = "test",
         categories: list[str] | None = None,
         limit: int | None = None,
+        turns: Literal[1, 2] = 1,
         chat_template: bool = True,
         system_prompt: str | None = None,
+        max_prompt_tokens: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        if turns not in (1, 2):
+            raise InvalidParameterError(f"turns={turns} is invalid: use 1 (first turn) or 2 (both MT-Bench turns)")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise InvalidParameterError(f"max_prompt_tokens={max_prompt_tokens} is invalid: use a positive count")
         self.path = path
+        self.format = format
+        self.text_field = text_field
+        self.split = split
         self.categories = categories
         self.limit = limit
+        self.turns = turns
         self.chat_template = chat_template
         self.system_prompt = system_prompt
+        self.max_prompt_tokens = max_prompt_tokens
+        self.shuffle = shuffle
+        self.seed = seed
         self.prompts: list[Prompt] = []
 
     def load_prompts(self) -> list[Prompt]:
         """Read and filter the prompts (cheap; the CLI calls it before any model loads to fail fast)."""
         if not self.prompts:
-            self.prompts = select_prompts(read_prompt_file(self.path), self.categories, self.limit, self.path)
+            if self.path.startswith(HUB_PREFIX):
+                rows = read_hub_dataset(self.path, self.split, self.format, self.text_field)
+            else:
+                rows = read_prompt_file(self.path, self.format, self.text_field)
+            self.prompts = select_prompts(rows, self.categories, self.limit, self.path, self.shuffle, self.seed)
         return self.prompts
 
     def setup(self, stage: str) -> None:
         self.load_prompts()
 
     def predict_dataloader(self) -> DataLoader:
-        items = [
-            {**asdict(p), "chat_template": self.chat_template, "system_prompt": self.system_prompt}
-            for p in self.load_prompts()
-        ]
+        options = {
+            "num_turns": self.turns,
+            "chat_template": self.chat_template,
+            "system_prompt": self.system_prompt,
+            "max_prompt_tokens": self.max_prompt_tokens,
+        }
+        items = [{**asdict(p), **options} for p in self.load_prompts()]
         return DataLoader(items, batch_size=None, shuffle=False, collate_fn=_single_item)

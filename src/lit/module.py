@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from src.data.prompts import encode_messages
+from src.data.prompts import encode_messages, truncate_left
 from src.decoding.base import DecodingMethod
 from src.decoding.baseline import Baseline
 from src.decoding.sampling import SamplingConfig, make_generator
@@ -110,33 +110,59 @@ class DecodingModule(L.LightningModule):
         return (self.seed * 1_000_003 + zlib.crc32(f"{prompt_id}/{turn}".encode())) % (2**63)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """All methods on one prompt, method order rotated per prompt to spread machine drift across methods."""
-        messages = []
-        if batch.get("system_prompt"):
-            messages.append({"role": "system", "content": batch["system_prompt"]})
-        messages.append({"role": "user", "content": batch["turns"][0]})
-        input_ids = encode_messages(self.pair.tokenizer, messages, batch.get("chat_template", True))
-        input_ids = input_ids.to(self.input_device)
-        turn = 1
+        """All methods on one prompt, method order rotated per prompt to spread machine drift across methods.
+
+        With two turns, each method's second turn is conditioned on its *own* first answer (as in Spec-Bench).
+        """
         order = [(batch_idx + i) % len(self.methods) for i in range(len(self.methods))]
-        records: list[dict[str, Any] | None] = [None] * len(self.methods)
-        reused: list[dict[str, Any]] = []
-        for index in order:
-            method = self.methods[index]
-            common = self._common_fields(batch, turn, method, self.method_keys[index], input_ids.shape[1])
-            if common["resume_key"] in self.previous_records:  # --resume: done in an earlier run
-                reused.append(self.previous_records[common["resume_key"]])
-                continue
-            try:
-                generation = self._generate(method, input_ids, self.max_new_tokens, self._prompt_seed(batch["prompt_id"], turn))
-                text = self.pair.tokenizer.decode(generation.tokens, skip_special_tokens=True)
-                records[index] = ok_record(common, generation, text)
-            except Exception as error:  # one failing (prompt, method) must not end the run
-                log.exception("method %s failed on prompt %s", method.name, batch["prompt_id"])
-                records[index] = error_record(common, error)
-        new_records = [r for r in records if r is not None]
-        compare_with_baseline(new_records, self.sampling.greedy, reference=reused)
+        history: dict[int, list[dict[str, str]] | None] = {i: self._system_messages(batch) for i in order}
+        new_records: list[dict[str, Any]] = []
+        for turn, user_text in enumerate(batch["turns"][: batch.get("num_turns", 1)], start=1):
+            turn_records, reused = [], []
+            for index in order:
+                record, reused_record = self._run_turn(batch, batch_idx, turn, user_text, index, history)
+                if record is not None:
+                    turn_records.append(record)
+                if reused_record is not None:
+                    reused.append(reused_record)
+            compare_with_baseline(turn_records, self.sampling.greedy, reference=reused)
+            new_records += turn_records
         return new_records
+
+    @staticmethod
+    def _system_messages(batch: dict[str, Any]) -> list[dict[str, str]]:
+        return [{"role": "system", "content": batch["system_prompt"]}] if batch.get("system_prompt") else []
+
+    def _run_turn(self, batch, batch_idx, turn, user_text, index, history):
+        """Decode one turn with one method; returns (new record or None, reused record or None)."""
+        method, method_key = self.methods[index], self.method_keys[index]
+        messages = history[index]
+        if messages is None:  # this method's previous turn failed: the conversation cannot go on
+            common = self._common_fields(batch, turn, method, method_key, prompt_tokens=0)
+            return error_record(common, RuntimeError(f"turn {turn - 1} of {method_key} failed; turn {turn} skipped")), None
+        messages = messages + [{"role": "user", "content": user_text}]
+        input_ids = encode_messages(self.pair.tokenizer, messages, batch.get("chat_template", True))
+        input_ids, dropped = truncate_left(input_ids, batch.get("max_prompt_tokens"))
+        if dropped:
+            log.warning("prompt %s turn %d: dropped its first %d tokens (max_prompt_tokens)", batch["prompt_id"], turn, dropped)
+        common = self._common_fields(batch, turn, method, method_key, input_ids.shape[1])
+        previous = self.previous_records.get(common["resume_key"])
+        if previous is not None:  # --resume: done in an earlier run
+            history[index] = messages + [{"role": "assistant", "content": previous["text"]}]
+            return None, previous
+        try:
+            generation = self._generate(
+                method, input_ids.to(self.input_device), self.max_new_tokens, self._prompt_seed(batch["prompt_id"], turn)
+            )
+            text = self.pair.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+        except Exception as error:  # one failing (prompt, method) must not end the run
+            log.exception("method %s failed on prompt %s turn %d", method_key, batch["prompt_id"], turn)
+            history[index] = None
+            return error_record(common, error), None
+        history[index] = messages + [{"role": "assistant", "content": text}]
+        record = ok_record(common, generation, text)
+        record["prompt_truncated_tokens"] = dropped
+        return record, None
 
     def _common_fields(self, batch: dict[str, Any], turn: int, method: DecodingMethod, method_key: str, prompt_tokens: int):
         params = {
