@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import build_tiny_llama
 
 from src.decoding import Baseline, SamplingConfig
 from src.decoding.sampling import make_generator
@@ -12,12 +12,7 @@ from src.decoding.sampling import make_generator
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(seed=0)
 
 
 PROMPTS = [[1, 5, 9, 33], [1, 100, 7], [1] + list(range(10, 60))]

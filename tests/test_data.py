@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from embedded_fixtures import mt_bench_path  # noqa: F401
 
 from src.data.prompts import read_prompt_file, select_prompts
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError

