@@ -10,8 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from src.errors import InvalidParameterError, MissingInputError
-from src.models import ModelSpec, TokenizerMismatchError, check_tokenizers, load_model, load_pair
-from src.models import embedded
+from src.models import ModelSpec, TokenizerMismatchError, check_tokenizers, embedded, load_model, load_pair
 from src.models.loading import resolve_source
 from src.models.tokenizer_guard import tokenizer_differences
 

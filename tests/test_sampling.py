@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from src.decoding.sampling import SamplingConfig, logits_to_probs, make_generator, residual_distribution, sample
+from src.decoding.sampling import (
+    SamplingConfig,
+    logits_to_probs,
+    make_generator,
+    residual_distribution,
+    sample,
+)
 
 
 def test_greedy_is_one_hot_on_argmax():

@@ -6,6 +6,8 @@ Probability convention everywhere: ``p`` = target distribution, ``q`` = draft di
 from src.decoding.base import DecodingMethod
 from src.decoding.baseline import Baseline
 from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
+from src.decoding.specexec import SpecExec
+from src.decoding.speculative import SpeculativeSampling
 from src.decoding.stats import Generation, GenerationStats
 
 __all__ = [
@@ -14,6 +16,8 @@ __all__ = [
     "Generation",
     "GenerationStats",
     "SamplingConfig",
+    "SpecExec",
+    "SpeculativeSampling",
     "logits_to_probs",
     "sample",
 ]

@@ -19,25 +19,28 @@ d. **Compact** both KV caches to prefix + accepted path with :func:`keep_cache_p
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 
 from src.decoding.base import DecodingMethod, check_generate_args, model_logits
-from src.decoding.kv import cache_length, keep_cache_positions, new_cache
+from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
 from src.decoding.stats import Generation, GenerationStats, StageTimer
-from src.decoding.tree import (
-    DraftTree,
-    attention_mask,
-    draft_round_visibility,
-    tree_position_ids,
-    verify_visibility,
-)
+from src.decoding.tree import DraftTree, growth_mask, tree_position_ids, verify_mask
 from src.errors import InvalidParameterError
 
 # Tree scoring under greedy decoding: the raw draft softmax (see SpecExec.generate).
 _GREEDY_SCORING = SamplingConfig(temperature=1.0)
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: its input embeddings' device (HF models), else its first tensor's."""
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings().weight.device
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def vocab_width(model) -> int:
@@ -46,7 +49,9 @@ def vocab_width(model) -> int:
     if size is None and hasattr(model, "get_output_embeddings"):
         size = model.get_output_embeddings().weight.shape[0]
     if size is None:
-        raise TypeError(f"cannot tell the vocabulary size of {type(model).__name__}: give it config.vocab_size")
+        raise TypeError(
+            f"cannot tell the vocabulary size of {type(model).__name__}: give it config.vocab_size"
+        )
     return int(size)
 
 
@@ -112,9 +117,9 @@ class SpecExec(DecodingMethod):
         }
 
     def tree_capacity(self, vocab: int) -> int:
-        """Every node ever created in one iteration: the root, its children, then max_beams * width per round."""
-        width = min(self.max_branch_width, vocab)
-        return 1 + width + (self.max_depth - 1) * self.max_beams * width
+        """Initial node capacity of the tree: the root, ``budget`` kept nodes and one round of candidates
+        (it grows if displaced nodes push the count higher)."""
+        return 1 + self.budget + self.max_beams * min(self.max_branch_width, vocab)
 
     @torch.inference_mode()
     def generate(
@@ -129,15 +134,18 @@ class SpecExec(DecodingMethod):
     ) -> Generation:
         check_generate_args(input_ids, max_new_tokens)
         if draft is None:
-            raise InvalidParameterError("specexec needs a draft model: configure one, or use the baseline method")
-        device = input_ids.device
+            raise InvalidParameterError(
+                "specexec needs a draft model: configure one, or use the baseline method"
+            )
+        device = input_ids.device  # the target's input device
+        draft_device = input_device(draft)
         vocab = min(vocab_width(target), vocab_width(draft))
         # Tree scoring: under sampling, the same warped q as everywhere. Under greedy, q would be one-hot and
         # the tree a single chain (every other child scores log 0); the raw softmax (temperature 1) instead
         # ranks the draft's alternatives by how likely it finds them, its best guess at where the target's
         # argmax lies. Exactness never depends on the tree, only the acceptance length does.
         scoring = _GREEDY_SCORING if sampling.greedy else sampling
-        stop_tokens = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
+        stop_tokens = frozenset(eos_token_ids)
         tree = DraftTree(self.tree_capacity(vocab))
         target_cache, draft_cache = new_cache(), new_cache()
         committed = input_ids[0].tolist()  # prompt + emitted tokens; the last one (the root) is in no cache
@@ -149,7 +157,7 @@ class SpecExec(DecodingMethod):
         with StageTimer(device) as prefill:
             if len(committed) > 1:
                 model_logits(target, input_ids[:, :-1], target_cache)
-                model_logits(draft, input_ids[:, :-1], draft_cache)
+                model_logits(draft, input_ids[:, :-1].to(draft_device), draft_cache)
                 stats.target_calls += 1
                 stats.draft_calls += 1
         stats.prefill_s = prefill.elapsed
@@ -161,10 +169,12 @@ class SpecExec(DecodingMethod):
                 depth_cap = min(self.max_depth, max_new_tokens - len(tokens) - 1)
                 tree.reset(committed[-1], depth_cap, stop_tokens)
                 slots, draft_forwards, generated = self._grow_tree(
-                    draft, draft_cache, tree, committed, scoring, vocab, device
+                    draft, draft_cache, tree, committed, scoring, vocab, draft_device
                 )
-                nodes = tree.node_ids()  # (n,) drafted nodes in creation order
-                logits = self._verify_tree(target, target_cache, tree, nodes, committed, vocab, device)  # (1 + n, V)
+                nodes = tree.node_ids()  # n drafted nodes, in creation order
+                logits = self._verify_tree(
+                    target, target_cache, tree, nodes, committed, vocab, device
+                )  # (1 + n, V)
                 emitted, accepted = self._walk_tree(tree, nodes, logits, sampling, generator, eos_token_ids)
                 self._compact_caches(target_cache, draft_cache, nodes, slots, accepted, len(committed))
                 committed.extend(emitted)
@@ -175,13 +185,13 @@ class SpecExec(DecodingMethod):
                 tree_depth = tree.depth(nodes)
                 stats.record_step(drafted=tree_depth, accepted=len(accepted))
                 for key, value in (
-                    ("tree_size", nodes.numel()),
+                    ("tree_size", len(nodes)),
                     ("tree_depth", tree_depth),
                     ("draft_forwards", draft_forwards),
                     ("accepted_length", len(accepted)),
                     ("leaves", tree.leaves(nodes)),
                     ("candidates_generated", generated),
-                    ("candidates_kept", nodes.numel()),
+                    ("candidates_kept", len(nodes)),
                 ):
                     log[key].append(value)
                 if tokens[-1] in eos_token_ids or len(tokens) >= max_new_tokens:
@@ -202,54 +212,56 @@ class SpecExec(DecodingMethod):
         scoring: SamplingConfig,
         vocab: int,
         device: torch.device,
-    ) -> tuple[torch.Tensor, int, int]:
+    ) -> tuple[list[int], int, int]:
         """Best-first growth on the draft. Returns (slots, draft forwards, candidates generated), where
-        ``slots`` (s,) lists the expanded non-root nodes in the order their KV entries follow the prefix."""
-        slots = torch.zeros(0, dtype=torch.long)
-        if not tree.expandable[0]:
-            return slots, 0, 0
+        ``slots`` lists the expanded non-root nodes in the order their KV entries follow the prefix."""
+        slots: list[int] = []
+        if not tree.pop_frontier(1):
+            return slots, 0, 0  # depth cap 0: the root alone is verified
         root_position = len(committed) - 1
 
         # Step 1: expand the root: one causal forward over the committed tokens the draft has not cached yet
         # (the root, plus the last accepted node when the draft never ran on it); q(. | root) is the last row.
-        chain = torch.tensor([committed[cache_length(cache) :]], device=device)
+        chain = torch.tensor([committed[cache_length(cache) :]], device=device)  # (1, m)
         logits = model_logits(draft, chain, cache)[0, -1:, :vocab]  # (1, V)
-        generated, _ = self._expand(tree, torch.zeros(1, dtype=torch.long), logits, scoring)
+        generated, _ = self._expand(tree, [0], logits, scoring)
         forwards = 1
 
         # Step 2: each further round expands the max_beams best open nodes in one batched forward. The draft
-        # cache holds prefix (root included, root_position + 1 entries) then ``slots``; a node sees the prefix,
-        # its expanded ancestors and itself, at position root_position + depth.
+        # cache holds the prefix (root included: root_position + 1 entries) then ``slots``; a node sees the
+        # prefix, its expanded ancestors and itself, at position root_position + depth.
         for _ in range(self.max_depth - 1):
-            batch = tree.frontier(self.max_beams)  # (b,)
-            if batch.numel() == 0:
+            if not tree.can_improve(self.budget):
+                break  # the tree is full and no open node's children could outrank its worst node
+            batch = tree.pop_frontier(self.max_beams)  # b node ids, best first
+            if not batch:
                 break
-            mask = attention_mask(root_position + 1, draft_round_visibility(tree, batch, slots), device)
-            positions = tree_position_ids(tree, batch, root_position)[None].to(device)  # (1, b)
-            batch_tokens = tree.tokens[batch][None].to(device)  # (1, b)
+            mask = growth_mask(tree, batch, slots, root_position + 1).to(device)  # (1, 1, b, prefix + s + b)
+            positions = torch.tensor([tree_position_ids(tree, batch, root_position)], device=device)  # (1, b)
+            batch_tokens = torch.tensor([[tree.tokens[node] for node in batch]], device=device)  # (1, b)
             logits = model_logits(draft, batch_tokens, cache, positions, mask)[0, :, :vocab]  # (b, V)
-            slots = torch.cat([slots, batch])
+            slots.extend(batch)
             forwards += 1
-            new, entered = self._expand(tree, batch, logits, scoring)
-            generated += new
+            proposed, entered = self._expand(tree, batch, logits, scoring)
+            generated += proposed
             if not entered:
                 break  # every child of this round fell outside the best `budget`
         return slots, forwards, generated
 
     def _expand(
-        self, tree: DraftTree, batch: torch.Tensor, logits: torch.Tensor, scoring: SamplingConfig
+        self, tree: DraftTree, batch: list[int], logits: torch.Tensor, scoring: SamplingConfig
     ) -> tuple[int, bool]:
-        """Add the top-``max_branch_width`` children of ``batch`` (b,) from draft logits (b, V), then keep the
-        best ``budget`` nodes. Returns (children proposed with q > 0, whether any new child was kept)."""
-        # Step 1: q(. | path to node) and each node's most likely children, log q(child) = -inf where q = 0.
+        """Add the top-``max_branch_width`` children of ``batch`` (b nodes) from draft logits (b, V), then keep
+        the best ``budget`` nodes. Returns (children proposed with q > 0, whether any new child was kept)."""
+        # Step 1: q(. | path to node) and each node's most likely children; log q = -inf where q = 0.
         q = logits_to_probs(logits, scoring)  # (b, V)
-        top = torch.topk(q, min(self.max_branch_width, q.shape[-1]), dim=-1)
-        child_logq = top.values.to(torch.float64).log().cpu()  # (b, k)
-        # Step 2: score(child) = score(node) + log q(child); insert, then prune the tree to the best `budget`.
-        tree.expanded[batch] = True
-        ids, proposed = tree.add_children(batch, top.indices.cpu(), child_logq, self.prune_threshold)
-        tree.prune_to_budget(self.budget)
-        return proposed, bool(tree.alive[ids].any())
+        top = torch.topk(q, min(self.max_branch_width, q.shape[-1]), dim=-1)  # (b, k) values, indices
+        child_logq = top.values.to(torch.float64).log().tolist()
+        # Step 2: score(child) = score(node) + log q(child); insert, then keep the best `budget` nodes.
+        kept, proposed = tree.add_children(
+            batch, top.indices.tolist(), child_logq, self.budget, self.prune_threshold
+        )
+        return proposed, bool(kept)
 
     # ----------------------------------------------------------------------------------- stage b: verify
     def _verify_tree(
@@ -257,7 +269,7 @@ class SpecExec(DecodingMethod):
         target,
         cache,
         tree: DraftTree,
-        nodes: torch.Tensor,
+        nodes: list[int],
         committed: list[int],
         vocab: int,
         device: torch.device,
@@ -265,22 +277,22 @@ class SpecExec(DecodingMethod):
         """One target forward over (uncached committed chain ending at the root) + tree nodes.
         Returns logits (1 + n, V): row 0 = p(. | root), row 1 + i = p(. | path to nodes[i])."""
         cached = cache_length(cache)
-        chain = committed[cached:]  # (m,) normally just the root
+        chain = committed[cached:]  # m tokens, normally just the root
         root_position = len(committed) - 1
-        input_ids = torch.cat([torch.tensor(chain), tree.tokens[nodes]])[None].to(device)  # (1, m + n)
-        if nodes.numel() == 0:
+        input_ids = torch.tensor([chain + [tree.tokens[node] for node in nodes]], device=device)  # (1, m + n)
+        if not nodes:
             logits = model_logits(target, input_ids, cache)
         else:
-            positions = torch.cat([torch.arange(cached, root_position + 1), tree_position_ids(tree, nodes, root_position)])
-            mask = attention_mask(cached, verify_visibility(tree, nodes, len(chain)), device)  # (1, 1, m+n, cached+m+n)
-            logits = model_logits(target, input_ids, cache, positions[None].to(device), mask)
+            positions = list(range(cached, root_position + 1)) + tree_position_ids(tree, nodes, root_position)
+            mask = verify_mask(tree, nodes, len(chain), cached).to(device)  # (1, 1, m + n, cached + m + n)
+            logits = model_logits(target, input_ids, cache, torch.tensor([positions], device=device), mask)
         return logits[0, len(chain) - 1 :, :vocab]
 
     # ----------------------------------------------------------------------------------- stage c: walk
     @staticmethod
     def _walk_tree(
         tree: DraftTree,
-        nodes: torch.Tensor,
+        nodes: list[int],
         logits: torch.Tensor,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
@@ -289,18 +301,16 @@ class SpecExec(DecodingMethod):
         """Draw t ~ p(. | node) from the root down while t is a child of the node in the tree.
         Returns (emitted tokens, accepted node ids); emitted = accepted tokens + the draw that left the tree
         (absent when an accepted token is EOS)."""
-        row_of = {node: row for row, node in enumerate(nodes.tolist(), start=1)}
+        row_of = {node: row for row, node in enumerate(nodes, start=1)}
         child_of = tree.child_index(nodes)
-        greedy_choice = logits_to_probs(logits, sampling).argmax(-1).tolist() if sampling.greedy else None
         emitted: list[int] = []
         accepted: list[int] = []
         node, row = 0, 0
         while True:
-            # Step 1: t ~ p(. | path to node), the exact target conditional (one-hot argmax when greedy).
-            if greedy_choice is not None:
-                token = greedy_choice[row]
-            else:
-                token = int(sample(logits_to_probs(logits[row], sampling), generator))
+            # Step 1: t ~ p(. | path to node), the exact target conditional (its argmax when greedy: p is
+            # one-hot). Rows are warped one at a time: a big tree times a big vocabulary would not fit at once.
+            probs = logits_to_probs(logits[row], sampling)  # (V,)
+            token = int(probs.argmax()) if sampling.greedy else int(sample(probs, generator))
             emitted.append(token)
             # Step 2: descend when t was drafted under this node; otherwise t ends the iteration.
             child = child_of.get((node, token))
@@ -315,30 +325,41 @@ class SpecExec(DecodingMethod):
     # ----------------------------------------------------------------------------------- stage d: compact
     @staticmethod
     def _compact_caches(
-        target_cache, draft_cache, nodes: torch.Tensor, slots: torch.Tensor, accepted: list[int], prefix_len: int
+        target_cache, draft_cache, nodes: list[int], slots: list[int], accepted: list[int], prefix_len: int
     ) -> None:
-        """Keep prefix + accepted path in both caches (the last emitted token stays uncached: next root).
+        """Keep prefix + accepted path in both caches (the last emitted token stays uncached: the next root).
 
-        Target: it holds ``prefix_len`` committed entries then one entry per node of ``nodes`` (creation order),
-        so node ``nodes[i]`` sits at prefix_len + i. ``keep_cache_positions`` gathers the accepted nodes'
-        entries (root-to-leaf order) with ``index_select`` and writes them right after the prefix, where a
-        sequential decode would have put them: their positions were prefix_len - 1 + depth = prefix_len + i-th
-        step, so the rotary encodings stay valid. Draft: it holds the prefix then ``slots`` (expanded nodes in
-        expansion order); only expanded nodes have entries, and those of an accepted path form a prefix of it
-        (a node is created only once its parent is expanded), so the draft keeps that prefix and is fed the
-        rest of the committed tokens at the next root expansion.
+        Target: it holds ``prefix_len`` committed entries (root included) then one entry per node of ``nodes``
+        in creation order, so ``nodes[i]`` sits at prefix_len + i. :func:`keep_cache_positions` gathers the
+        accepted nodes' entries in root-to-leaf order with ``index_select`` and writes them right after the
+        prefix, where a sequential decode would have put them: the d-th accepted node (depth d) was computed at
+        position root_position + d = prefix_len - 1 + d and lands at index prefix_len + d - 1, so the cache is
+        contiguous again and its rotary encodings stay valid.
+        Draft: it holds the prefix then ``slots`` (expanded nodes, in expansion order). Only expanded nodes have
+        entries, and on an accepted path they form a prefix of it (a node exists only once its parent was
+        expanded): the draft keeps that prefix and is fed the remaining committed tokens at the next root.
         """
-        if nodes.numel():
-            index_of = {node: i for i, node in enumerate(nodes.tolist())}
-            keep_cache_positions(target_cache, prefix_len, torch.tensor([index_of[a] for a in accepted], dtype=torch.long))
-        if slots.numel():
-            slot_of = {node: i for i, node in enumerate(slots.tolist())}
+        if nodes:
+            index_of = {node: i for i, node in enumerate(nodes)}
+            _keep_after_prefix(target_cache, prefix_len, [index_of[node] for node in accepted])
+        if slots:
+            slot_of = {node: i for i, node in enumerate(slots)}
             kept: list[int] = []
             for node in accepted:
                 if node not in slot_of:
                     break
                 kept.append(slot_of[node])
-            keep_cache_positions(draft_cache, prefix_len, torch.tensor(kept, dtype=torch.long))
+            _keep_after_prefix(draft_cache, prefix_len, kept)
+
+
+def _keep_after_prefix(cache, prefix_len: int, keep: list[int]) -> None:
+    """Keep the cache's first ``prefix_len`` entries then entries prefix_len + keep[i], in that order.
+    When those already follow the prefix (nothing accepted, or the first tree entries), a truncation does
+    the same without gathering."""
+    if keep == list(range(len(keep))):
+        truncate_cache(cache, prefix_len + len(keep))
+    else:
+        keep_cache_positions(cache, prefix_len, torch.tensor(keep, dtype=torch.long))
 
 
 _PER_ITERATION = (
@@ -364,5 +385,3 @@ def _summarize(log: dict[str, list[int]]) -> dict[str, float | int | None]:
         "tree_size_mean": sum(log["tree_size"]) / iterations if iterations else None,
         "tree_depth_mean": sum(log["tree_depth"]) / iterations if iterations else None,
     }
-
-

@@ -1,17 +1,23 @@
-"""Token trees for tree-based speculative decoding: storage, best-first bookkeeping and tree attention masks.
+"""Token trees for tree-based speculative decoding: best-first bookkeeping and tree attention masks.
 
-A :class:`DraftTree` stores its nodes in flat tensors indexed by creation order. Node 0 is the root: the last
-committed token, which is not yet in any KV cache. Every other node is a drafted token whose parent was
-created before it, so creation order is a topological order (parents before children).
+A :class:`DraftTree` numbers its nodes in creation order. Node 0 is the root: the last committed token, not
+yet in any KV cache. Every other node is a drafted token created after its parent, so creation order is a
+topological order (parents before children).
 
-Tree attention: a node attends to the committed prefix, to its ancestors and to itself. With the prefix in
-a KV cache of length ``cached_len``, the 4D mask of a forward over ``n`` new tokens has shape
-``(1, 1, n, cached_len + n)`` (True = attend) and each node's position id is ``root_position + depth``, so
-its logits equal those of a sequential forward over its root-to-node path.
+Tree attention: a node attends to the committed prefix, to its ancestors and to itself. With the prefix in a
+KV cache of length ``cached_len``, the 4D mask of a forward over ``n`` new tokens has shape
+``(1, 1, n, cached_len + n)`` (True = attend) and a node's position id is ``root_position + depth``, so its
+logits equal those of a sequential forward over its root-to-node path.
+
+Cost model: a growth round touches at most ``max_beams * max_branch_width`` candidates, so the scalar node
+attributes live in Python lists and heaps (well under a microsecond per candidate, where a CPU torch op on a
+tiny tensor costs ~5-10 us). The one per-node structure a forward needs, the ancestor matrix, is a torch
+tensor updated with one gather per round, and every mask is sliced out of it with tensor ops.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -22,162 +28,203 @@ from src.errors import InvalidParameterError
 class DraftTree:
     """A token tree grown best-first by cumulative draft log-probability.
 
-    Arrays (capacity ``C``, CPU):
-        tokens, parents, depths (C,) long; scores (C,) float64 = log q(path from root to node);
-        alive (C,) bool: node is in the tree (pruned nodes stay stored, dead);
-        expanded (C,) bool: the draft has run on the node (its children were proposed, its KV is cached);
-        expandable (C,) bool: the node may get children (not a stop token, below the depth cap);
-        ancestors (C, C) bool: ancestors[i, j] = node j is on the root-to-i path (i itself included).
+    ``capacity`` is the initial size of the ancestor matrix (it doubles when more nodes are created).
 
-    Rows are written in full when a node is created, so one tree is reused across iterations via :meth:`reset`.
+    Per node (lists indexed by node id): ``tokens``, ``parents`` (-1 for the root), ``depths`` (root 0),
+    ``scores`` = log q(path from the root to the node) (Python floats, i.e. float64), ``alive`` (False once
+    pruned; pruned ids are never reused within an iteration). ``ancestors`` (capacity, capacity) bool:
+    ``ancestors[i, j]`` = node j is on the root-to-i path, i itself included.
+
+    Two heaps: ``_kept`` holds the alive non-root nodes, worst first ((score, -id): among equal scores the
+    newer node is worse), so pruning to a budget pops its top; ``_open`` holds nodes that may still be
+    expanded, best first ((-score, id)); pruned nodes are skipped lazily when popped.
     """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
-            raise InvalidParameterError(f"capacity={capacity} is invalid: a tree needs room for its root (>= 1)")
+            raise InvalidParameterError(
+                f"capacity={capacity} is invalid: a tree needs room for its root (>= 1)"
+            )
         self.capacity = capacity
-        self.tokens = torch.zeros(capacity, dtype=torch.long)
-        self.parents = torch.full((capacity,), -1, dtype=torch.long)
-        self.depths = torch.zeros(capacity, dtype=torch.long)
-        self.scores = torch.zeros(capacity, dtype=torch.float64)
-        self.alive = torch.zeros(capacity, dtype=torch.bool)
-        self.expanded = torch.zeros(capacity, dtype=torch.bool)
-        self.expandable = torch.zeros(capacity, dtype=torch.bool)
         self.ancestors = torch.zeros(capacity, capacity, dtype=torch.bool)
-        self.size = 0
-        self.depth_cap = 0
-        self.stop_tokens = torch.zeros(0, dtype=torch.long)
-
-    def reset(self, root_token: int, depth_cap: int, stop_tokens: torch.Tensor | None = None) -> None:
-        """Start a new tree holding only the root; nodes deeper than ``depth_cap`` are never created and
-        nodes whose token is in ``stop_tokens`` (EOS) never get children."""
-        self.size = 1
-        self.depth_cap = depth_cap
-        self.stop_tokens = stop_tokens if stop_tokens is not None else torch.zeros(0, dtype=torch.long)
-        self.tokens[0] = root_token
-        self.parents[0] = -1
-        self.depths[0] = 0
-        self.scores[0] = 0.0
-        self.alive[0] = True
-        self.expanded[0] = False
-        self.expandable[0] = depth_cap > 0
-        self.ancestors[0] = False
+        # Row 0 (the root) never changes: only rows of node ids >= 1 are rewritten, in full, at creation.
         self.ancestors[0, 0] = True
+        self.reset(0, depth_cap=0)
+
+    def reset(
+        self, root_token: int, depth_cap: int, stop_tokens: set[int] | frozenset[int] = frozenset()
+    ) -> None:
+        """Start a new tree holding only the root. Nodes deeper than ``depth_cap`` are never created and nodes
+        whose token is in ``stop_tokens`` (EOS) are never expanded. The storage is reused: a node's ancestor
+        row is written in full when it is created."""
+        self.depth_cap = depth_cap
+        self.stop_tokens = stop_tokens
+        self.tokens: list[int] = [root_token]
+        self.parents: list[int] = [-1]
+        self.depths: list[int] = [0]
+        self.scores: list[float] = [0.0]
+        self.alive: list[bool] = [True]
+        self._kept: list[tuple[float, int]] = []
+        self._open: list[tuple[float, int]] = [(-0.0, 0)] if depth_cap > 0 else []
+
+    @property
+    def size(self) -> int:
+        """Nodes created so far (root and pruned nodes included)."""
+        return len(self.tokens)
 
     # ----------------------------------------------------------------------------------- growing
+    def pop_frontier(self, max_beams: int) -> list[int]:
+        """Remove and return the (at most) ``max_beams`` best alive open nodes, best first: the caller expands
+        them. Open = alive, not yet expanded, below the depth cap and not a stop token."""
+        batch: list[int] = []
+        while self._open and len(batch) < max_beams:
+            _, node = heapq.heappop(self._open)
+            if self.alive[node]:
+                batch.append(node)
+        return batch
+
+    def can_improve(self, budget: int) -> bool:
+        """Whether expanding open nodes could still change the best ``budget`` nodes: False when the tree is
+        full and the best open node scores no higher than the worst kept node (a child scores at most its
+        parent and loses ties, being newer)."""
+        while self._open and not self.alive[self._open[0][1]]:
+            heapq.heappop(self._open)  # drop pruned nodes
+        if not self._open:
+            return False
+        if len(self._kept) < budget:
+            return True
+        return -self._open[0][0] > self._kept[0][0]
+
     def add_children(
-        self, parent_ids: torch.Tensor, child_tokens: torch.Tensor, child_logq: torch.Tensor, min_prob: float = 0.0
-    ) -> tuple[torch.Tensor, int]:
-        """Add the proposed children of ``parent_ids`` (b,): ``child_tokens`` / ``child_logq`` (b, k) hold each
-        parent's top-k draft tokens and their log q. Children with q = 0, or whose cumulative probability
-        exp(score) is below ``min_prob``, are not added. Returns (new node ids, number of candidates with q > 0).
-        """
-        # Step 1: score(child) = score(parent) + log q(child | path), flattened parent-major (b * k,).
-        # float64, and log q <= 0 rounds to score(child) <= score(parent) (pruning relies on it).
-        k = child_logq.shape[1]
-        scores = (self.scores[parent_ids].unsqueeze(1) + child_logq.to(torch.float64)).view(-1)
-        keep = scores > -math.inf  # q > 0
-        proposed = int(keep.sum())
-        if min_prob > 0:
-            keep &= scores >= math.log(min_prob)
-        kept = keep.nonzero().squeeze(1)  # flat indices of the added children
-        start, end = self.size, self.size + kept.numel()
-        if end > self.capacity:
-            raise RuntimeError(f"tree capacity {self.capacity} exceeded by {end} nodes (a sizing bug)")
-        # Step 2: write rows start..end; ancestors[child] = ancestors[parent] + itself.
-        parents = parent_ids[kept // k]
-        tokens = child_tokens.reshape(-1)[kept]
-        depths = self.depths[parents] + 1
-        expandable = depths < self.depth_cap
-        if self.stop_tokens.numel():
-            expandable &= ~torch.isin(tokens, self.stop_tokens)
-        self.tokens[start:end] = tokens
-        self.parents[start:end] = parents
-        self.depths[start:end] = depths
-        self.scores[start:end] = scores[kept]
-        self.alive[start:end] = True
-        self.expanded[start:end] = False
-        self.expandable[start:end] = expandable
-        self.ancestors[start:end] = self.ancestors[parents]
-        self.ancestors[start:end, start:end].fill_diagonal_(True)
-        self.size = end
-        return torch.arange(start, end), proposed
+        self,
+        parents: list[int],
+        child_tokens: list[list[int]],
+        child_logq: list[list[float]],
+        budget: int | None = None,
+        min_prob: float = 0.0,
+    ) -> tuple[list[int], int]:
+        """Add the proposed children of ``parents`` (b nodes): ``child_tokens[i]`` / ``child_logq[i]`` are node
+        i's top draft tokens and their log q (distinct tokens), and keep the best ``budget`` non-root nodes
+        (None: no limit). Children with q = 0, whose cumulative probability exp(score) is below ``min_prob``,
+        or that would rank last in a full tree are never created. Returns (ids of the new children still in
+        the tree, number of proposals with q > 0)."""
+        log_min = math.log(min_prob) if min_prob > 0 else -math.inf
+        limit = budget if budget is not None else math.inf
+        start = self.size
+        proposed = 0
+        for parent, tokens, logqs in zip(parents, child_tokens, child_logq):
+            # Step 1: score(child) = score(parent) + log q(child | path) <= score(parent), since log q <= 0.
+            base, depth = self.scores[parent], self.depths[parent] + 1
+            for token, logq in zip(tokens, logqs):
+                if logq == -math.inf:
+                    continue
+                proposed += 1
+                score = base + logq
+                node = self.size
+                if score < log_min or (len(self._kept) >= limit and (score, -node) < self._kept[0]):
+                    continue
+                # Step 2: create the child, then drop the worst node if the tree is over budget.
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self.depths.append(depth)
+                self.scores.append(score)
+                self.alive.append(True)
+                heapq.heappush(self._kept, (score, -node))
+                if depth < self.depth_cap and token not in self.stop_tokens:
+                    heapq.heappush(self._open, (-score, node))
+                if len(self._kept) > limit:
+                    self.alive[-heapq.heappop(self._kept)[1]] = False
+        end = self.size
+        if end > start:
+            # Step 3: ancestors[child] = ancestors[parent] + itself (one gather for the whole round).
+            self._reserve(end)
+            self.ancestors[start:end] = self.ancestors[torch.tensor(self.parents[start:end])]
+            self.ancestors[start:end, start:end].fill_diagonal_(True)
+        return [node for node in range(start, end) if self.alive[node]], proposed
+
+    def _reserve(self, size: int) -> None:
+        """Grow the ancestor matrix (doubling) so that it holds ``size`` nodes."""
+        if size <= self.capacity:
+            return
+        capacity = max(size, 2 * self.capacity)
+        grown = torch.zeros(capacity, capacity, dtype=torch.bool)
+        grown[: self.capacity, : self.capacity] = self.ancestors
+        self.ancestors, self.capacity = grown, capacity
 
     def prune_to_budget(self, budget: int) -> None:
         """Keep the ``budget`` best non-root nodes by score (ties: the older node wins).
 
-        The kept set is closed under ancestors: a child never scores higher than its parent and is newer,
-        so it always ranks after it.
+        The kept set stays closed under ancestors: a node's descendants score no higher and are newer, so
+        they always rank below it and the worst node never has a kept descendant.
         """
-        candidates = self.node_ids()
-        if candidates.numel() <= budget:
-            return
-        # Step 1: rank by score descending; the stable sort keeps creation order among equal scores.
-        order = torch.sort(self.scores[candidates], descending=True, stable=True).indices
-        self.alive[candidates[order[budget:]]] = False
-
-    def frontier(self, max_beams: int) -> torch.Tensor:
-        """The (at most) ``max_beams`` best alive, expandable, not yet expanded nodes (ids, best first)."""
-        open_nodes = (self.alive[: self.size] & self.expandable[: self.size] & ~self.expanded[: self.size]).nonzero()
-        open_nodes = open_nodes.squeeze(1)
-        order = torch.sort(self.scores[open_nodes], descending=True, stable=True).indices[:max_beams]
-        return open_nodes[order]
+        while len(self._kept) > budget:
+            _, negative_id = heapq.heappop(self._kept)
+            self.alive[-negative_id] = False
 
     # ----------------------------------------------------------------------------------- reading
-    def node_ids(self) -> torch.Tensor:
-        """Alive non-root nodes in creation (= topological) order, (n,) long."""
-        return self.alive[1 : self.size].nonzero().squeeze(1) + 1
+    def node_ids(self) -> list[int]:
+        """Alive non-root nodes in creation (= topological) order."""
+        return sorted(-negative_id for _, negative_id in self._kept)
 
-    def depth(self, nodes: torch.Tensor | None = None) -> int:
+    def depth(self, nodes: list[int] | None = None) -> int:
         """Depth of the deepest alive node (0 for a bare root); ``nodes`` = :meth:`node_ids` if known."""
         nodes = self.node_ids() if nodes is None else nodes
-        return int(self.depths[nodes].max()) if nodes.numel() else 0
+        return max((self.depths[node] for node in nodes), default=0)
 
-    def leaves(self, nodes: torch.Tensor | None = None) -> int:
+    def leaves(self, nodes: list[int] | None = None) -> int:
         """Number of alive non-root nodes without an alive child (the tree's active branches)."""
         nodes = self.node_ids() if nodes is None else nodes
-        if nodes.numel() == 0:
-            return 0
-        has_child = torch.zeros(self.size, dtype=torch.bool)
-        has_child[self.parents[nodes]] = True
-        return int((~has_child[nodes]).sum())
+        return len(nodes) - len({self.parents[node] for node in nodes} - {0})
 
-    def child_index(self, nodes: torch.Tensor) -> dict[tuple[int, int], int]:
+    def child_index(self, nodes: list[int]) -> dict[tuple[int, int], int]:
         """{(parent id, token): child id} over ``nodes``; tokens are unique among siblings (top-k proposals)."""
-        return dict(zip(zip(self.parents[nodes].tolist(), self.tokens[nodes].tolist()), nodes.tolist()))
+        return {(self.parents[node], self.tokens[node]): node for node in nodes}
+
+    def path(self, node: int) -> list[int]:
+        """Tokens from the root to ``node``, both included."""
+        tokens = []
+        while node >= 0:
+            tokens.append(self.tokens[node])
+            node = self.parents[node]
+        return tokens[::-1]
 
 
-def attention_mask(cached_len: int, visible: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """4D mask (1, 1, n, cached_len + m) for n new tokens: every cached position is visible, then ``visible``
-    (n, m) says which of the m new-or-tree positions each row sees (True = attend)."""
-    n = visible.shape[0]
-    cached = torch.ones(n, cached_len, dtype=torch.bool, device=device)
-    return torch.cat([cached, visible.to(device)], dim=1)[None, None]
+def growth_mask(tree: DraftTree, batch: list[int], slots: list[int], prefix_len: int) -> torch.Tensor:
+    """4D mask (1, 1, b, prefix_len + s + b) of a growth round over the nodes ``batch`` (True = attend).
 
-
-def draft_round_visibility(tree: DraftTree, batch: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """What a batch of nodes sees besides the prefix during tree growth, (b, s + b) bool.
-
-    The draft cache holds the prefix then the already expanded nodes ``slots`` (s,) in expansion order; the
-    batch rows see those that are their ancestors, then themselves (nodes of one batch are never related:
-    a node is only created after its parent was expanded).
+    The draft cache holds the committed prefix (root included) then the already expanded nodes ``slots`` (s)
+    in expansion order. A batch node sees the whole prefix, the slots that are its ancestors, and itself:
+    nodes of one batch are never related (a node is only created after its parent was expanded).
     """
-    b = batch.numel()
-    return torch.cat([tree.ancestors[batch][:, slots], torch.eye(b, dtype=torch.bool)], dim=1)
+    b, s = len(batch), len(slots)
+    mask = torch.ones(1, 1, b, prefix_len + s + b, dtype=torch.bool)
+    tree_part = mask[0, 0, :, prefix_len:]  # (b, s + b) view
+    if s:
+        rows, cols = torch.tensor(batch).unsqueeze(1), torch.tensor(slots)
+        tree_part[:, :s] = tree.ancestors[rows, cols]  # (b, s): slot is an ancestor of the batch node
+    tree_part[:, s:].fill_(False).fill_diagonal_(True)  # (b, b): itself only
+    return mask
 
 
-def verify_visibility(tree: DraftTree, nodes: torch.Tensor, chain_len: int) -> torch.Tensor:
-    """Visibility (chain_len + n, chain_len + n) of a verification forward over a chain then tree nodes.
+def verify_mask(tree: DraftTree, nodes: list[int], chain_len: int, cached_len: int) -> torch.Tensor:
+    """4D mask (1, 1, m + n, cached_len + m + n) of a verification forward (True = attend).
 
-    The chain is the committed tokens not yet in the cache, ending at the root; it is causal. The tree
-    nodes (n,) follow in creation order: each sees the whole chain (root included) and its ancestors.
+    Inputs: a chain of m = ``chain_len`` committed tokens not yet in the cache (ending at the root), causal,
+    blind to the tree; then the tree ``nodes`` (n) in creation order, each seeing the whole cache, the whole
+    chain (root included) and its ancestors among the nodes.
     """
-    n = nodes.numel()
-    chain = torch.cat([torch.ones(chain_len, chain_len, dtype=torch.bool).tril(), torch.zeros(chain_len, n, dtype=torch.bool)], 1)
-    tree_rows = torch.cat([torch.ones(n, chain_len, dtype=torch.bool), tree.ancestors[nodes][:, nodes]], 1)
-    return torch.cat([chain, tree_rows], 0)
+    m, n = chain_len, len(nodes)
+    mask = torch.ones(1, 1, m + n, cached_len + m + n, dtype=torch.bool)
+    new_part = mask[0, 0, :, cached_len:]  # (m + n, m + n) view
+    if m > 1:
+        new_part[:m, :m].tril_()
+    new_part[:m, m:] = False
+    if n:
+        index = torch.tensor(nodes)
+        new_part[m:, m:] = tree.ancestors[index.unsqueeze(1), index]  # (n, n): ancestor-or-self
+    return mask
 
 
-def tree_position_ids(tree: DraftTree, nodes: torch.Tensor, root_position: int) -> torch.Tensor:
-    """Position ids (n,) of tree nodes: root_position + depth (where a sequential decode would put them)."""
-    return tree.depths[nodes] + root_position
+def tree_position_ids(tree: DraftTree, nodes: list[int], root_position: int) -> list[int]:
+    """Position ids of tree nodes: root_position + depth (where a sequential decode would put them)."""
+    return [root_position + tree.depths[node] for node in nodes]
