@@ -50,7 +50,8 @@ def top2_margin(model, input_ids: torch.Tensor, tokens: list[int], index: int) -
     return float(top2[0] - top2[1])
 
 
-@pytest.mark.parametrize("draft_name", ["bf16", "nf4"])
+# The nf4 draft runs bitsandbytes' slow CPU 4-bit kernels (~2 min per method): slow-marked, run by `make test-all`.
+@pytest.mark.parametrize("draft_name", ["bf16", pytest.param("nf4", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method_name", sorted(METHODS))
 def test_greedy_output_equals_baseline(method_name, draft_name, greedy_references, embedded_target, request):
     draft = request.getfixturevalue(f"embedded_draft_{draft_name}")
