@@ -5,7 +5,7 @@ VENV            ?= .venv
 PYTHON          ?= python3
 TORCH_VERSION   ?= 2.13.0
 TORCH_INDEX_URL ?=
-CONFIG          ?= configs/baseline.yaml
+CONFIG          ?= configs/specexec.yaml
 ARGS            ?=
 PY              := $(VENV)/bin/python
 SETUP_ENV       := VENV=$(VENV) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_INDEX_URL=$(TORCH_INDEX_URL)
