@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -12,6 +13,16 @@ import torch
 from src.decoding.sampling import SamplingConfig
 from src.decoding.stats import Generation
 from src.errors import InvalidParameterError
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: its input embeddings' device (HF models), else ``model.device``."""
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings().weight.device
+    if isinstance(getattr(model, "device", None), torch.device):
+        return model.device
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 @functools.cache

@@ -19,12 +19,11 @@ d. **Compact** both KV caches to prefix + accepted path with :func:`keep_cache_p
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, model_logits
+from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits
 from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
 from src.decoding.stats import Generation, GenerationStats, StageTimer
@@ -33,14 +32,6 @@ from src.errors import InvalidParameterError
 
 # Tree scoring under greedy decoding: the raw draft softmax (see SpecExec.generate).
 _GREEDY_SCORING = SamplingConfig(temperature=1.0)
-
-
-def input_device(model) -> torch.device:
-    """Where a model's input ids go: its input embeddings' device (HF models), else its first tensor's."""
-    if hasattr(model, "get_input_embeddings"):
-        return model.get_input_embeddings().weight.device
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def vocab_width(model) -> int:

@@ -20,11 +20,9 @@ committed tokens with :func:`src.decoding.kv.truncate_cache`.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, model_logits
+from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
 from src.decoding.stats import Generation, GenerationStats, StageTimer
@@ -198,13 +196,3 @@ class SpeculativeSampling(DecodingMethod):
         if accepted < k:
             return accepted, int(sample(residual_distribution(p[accepted], q[accepted]), generator))
         return accepted, int(sample(p[k], generator))
-
-
-def input_device(model) -> torch.device:
-    """Where a model's input ids go: its input embeddings' device (HF models), else ``model.device``."""
-    if hasattr(model, "get_input_embeddings"):
-        return model.get_input_embeddings().weight.device
-    if isinstance(getattr(model, "device", None), torch.device):
-        return model.device
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
