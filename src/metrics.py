@@ -113,12 +113,13 @@ def format_summary_table(per_method: dict[str, dict[str, Any]]) -> str:
         width = int(spec.split(".")[0])
         return f"{'-':>{width}}" if value is None else format(value, spec)
 
-    header = f"{'method':<28} {'tok/s':>8} {'speedup':>8} {'geo':>6} {'tok/call':>8} {'accept':>7} {'=base':>6} {'errors':>6}"
+    name_width = max([28, *(len(name) for name in per_method)])
+    header = f"{'method':<{name_width}} {'tok/s':>8} {'speedup':>8} {'geo':>6} {'tok/call':>8} {'accept':>7} {'=base':>6} {'errors':>6}"
     lines = [header, "-" * len(header)]
     for name, values in per_method.items():
         match = values["matches_baseline_rate"]
         lines.append(
-            f"{name:<28} {cell(values['tokens_per_s'], '8.2f')} {cell(values['speedup'], '8.2f')} "
+            f"{name:<{name_width}} {cell(values['tokens_per_s'], '8.2f')} {cell(values['speedup'], '8.2f')} "
             f"{cell(values['speedup_geomean'], '6.2f')} {cell(values['tokens_per_target_call'], '8.2f')} "
             f"{cell(values['acceptance_rate'], '7.1%')} {cell(match, '6.0%')} {values['errors']:>6d}"
         )
