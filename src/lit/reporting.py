@@ -40,8 +40,9 @@ class MetricsReporter(L.Callback):
             self.records.append(record)
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        computed = {key: metric.compute() for key, metric in self.metrics.items()}
-        self.summary = summarize({k: v for k, v in computed.items() if v["records"]})
+        # A method with no new record (all resumed) has nothing to compute.
+        computed = {key: metric.compute() for key, metric in self.metrics.items() if metric.update_count}
+        self.summary = summarize(computed)
         self._report(trainer)
 
     @rank_zero_only
