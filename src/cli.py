@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from src.lit.progress import use_speedup_progress_bar
 from src.lit.reporting import MetricsReporter
 from src.lit.results import ResultsWriter, check_output_path
 from src.metrics import format_summary_table
@@ -51,6 +52,14 @@ def check_headless() -> None:
         )
 
 
+def finish_wandb_runs(trainer) -> None:
+    """Close the wandb runs now: an offline run writes its final summary when it finishes."""
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None) if type(logger).__name__ == "WandbLogger" else None
+        if run is not None and hasattr(run, "finish"):
+            run.finish()
+
+
 class SpSampCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -77,6 +86,7 @@ class SpSampCLI(LightningCLI):
         self.trainer.callbacks.append(self.results_writer)
         self.reporter = MetricsReporter(config=self.config_dict())
         self.trainer.callbacks.append(self.reporter)
+        use_speedup_progress_bar(self.trainer)
 
     def config_dict(self) -> dict:
         """The resolved configuration of this run (JSON-safe), for the loggers."""
@@ -88,6 +98,7 @@ class SpSampCLI(LightningCLI):
             print("\n" + format_summary_table(self.reporter.summary))
         skipped = f", {len(writer.previous)} already done" if writer.previous else ""
         print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}")
+        finish_wandb_runs(self.trainer)
         if writer.written and not writer.ok:
             raise SystemExit(f"error: every record failed; see the 'error' fields in {writer.output}")
 

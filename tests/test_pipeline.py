@@ -1,0 +1,124 @@
+"""The whole predict pipeline on the embedded pair: contract fields, offline wandb summary, kill + resume,
+seeded reruns, and the progress bar's running speedup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, dataset_file
+
+from src.lit.progress import RunningSpeedup
+from src.tools.check_results import main as check_results
+from src.tools.wandb_offline import read_offline_run
+
+CONTRACT = (
+    "run_id", "resume_key", "status", "error", "method", "dataset", "prompt_id", "category", "turn", "new_tokens",
+    "prefill_s", "decode_s", "wall_s", "tokens_per_s", "target_calls", "draft_calls", "tokens_per_target_call",
+    "drafted_tokens", "accepted_tokens", "acceptance_rate", "accepted_per_position", "speedup", "matches_baseline",
+    "first_divergence", "text", "params", "target", "draft", "system",
+)
+SPECEXEC_FIELDS = ("tree_size_mean", "tree_depth_mean", "max_active_branches", "branch_prune_rate", "effective_parallelism")
+
+
+@pytest.fixture(autouse=True)
+def _run_from_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["python -m src"])
+
+
+def read_records(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def predict_args(config: str, output, limit: int, new_tokens: int, *extra: str) -> list[str]:
+    return ["predict", "--config", config, "--data.path", str(dataset_file("mt_bench.jsonl")), "--data.limit",
+            str(limit), "--model.max_new_tokens", str(new_tokens), "--output", str(output), *extra]
+
+
+def test_running_speedup_is_the_geometric_mean_per_method():
+    running = RunningSpeedup()
+    running.update([{"method": "baseline", "status": "ok", "speedup": 1.0},
+                    {"method": "speculative", "status": "ok", "speedup": 2.0}])
+    running.update([{"method": "speculative", "status": "ok", "speedup": 0.5},
+                    {"method": "specexec", "status": "error"}])
+    assert running.postfix() == "specexec !1, speculative 1.00x"
+
+
+def test_all_methods_write_contract_records_and_an_offline_wandb_summary(tmp_path, capsys):
+    from src.cli import cli_main
+
+    output = tmp_path / "all.jsonl"
+    cli_main(predict_args("configs/all.yaml", output, 2, 8, "--trainer.logger.init_args.save_dir", str(tmp_path),
+                          "--trainer.enable_progress_bar", "false"))
+    printed = capsys.readouterr().out
+    assert "tok/call" in printed and "wrote 6 records (6 ok)" in printed
+
+    records = read_records(output)
+    assert sorted(r["method"] for r in records) == ["baseline"] * 2 + ["specexec"] * 2 + ["speculative"] * 2
+    for record in records:
+        missing = [name for name in CONTRACT if name not in record]
+        assert not missing, f"{record['method']}: missing {missing}"
+        assert record["status"] == "ok" and record["matches_baseline"] is True
+    for record in (r for r in records if r["method"] == "specexec"):
+        assert all(record[name] is not None for name in SPECEXEC_FIELDS)
+    assert check_results([str(output), "--strict"]) == 0
+
+    run = read_offline_run(tmp_path / "wandb")
+    assert run.project == "sp-samp"
+    for method in ("baseline", "speculative", "specexec"):
+        assert run.summary[f"{method}/records"] == 2
+        assert run.summary[f"{method}/tokens_per_target_call"] > 0
+    assert run.summary["baseline/tokens_per_target_call"] == 1.0
+    assert run.summary["speculative/speedup"] > 0 and run.summary["specexec/tree_size_mean"] > 0
+    assert run.summary["records"]["nrows"] == 6  # the per-prompt wandb.Table
+    assert run.config["model"]["init_args"]["max_new_tokens"] == 8  # the resolved config
+
+
+def test_a_killed_run_resumes_with_every_record_once(tmp_path):
+    output = tmp_path / "killed.jsonl"
+    args = predict_args("configs/baseline.yaml", output, 6, 24, "--trainer.enable_progress_bar", "false")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "src", *args], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if output.is_file() and len(output.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(read_records(output))
+    assert process.returncode == -signal.SIGKILL and 2 <= done_before < 6, "the run was not killed midway"
+
+    with output.open("a") as handle:  # as if the kill had cut a record in half
+        handle.write('{"run_id": "x", "status": "o')
+    resumed = subprocess.run([sys.executable, "-m", "src", *args, "--resume", "true"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{done_before} already done" in resumed.stdout
+
+    lines = output.read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("}")]
+    assert len(lines) == len(records) + 1  # only the cut line is not a record
+    keys = [r["resume_key"] for r in records]
+    assert len(keys) == len(set(keys)) == 6 and all(r["status"] == "ok" for r in records)
+
+
+def test_seeded_sampling_reruns_give_identical_texts(tmp_path):
+    from src.cli import cli_main
+
+    texts = []
+    for name in ("first.jsonl", "second.jsonl"):
+        output = tmp_path / name
+        cli_main(predict_args("configs/speculative.yaml", output, 2, 12, "--model.temperature", "0.9",
+                              "--model.seed", "5", "--trainer.enable_progress_bar", "false"))
+        records = read_records(output)
+        assert all(r["status"] == "ok" and r["matches_baseline"] is None for r in records)
+        texts.append({(r["prompt_id"], r["method"]): r["text"] for r in records})
+    assert texts[0] == texts[1] and len(texts[0]) == 4
