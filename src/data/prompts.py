@@ -3,12 +3,21 @@
 Formats (``format: auto`` detects them line by line):
 
 - ``mt_bench``: MT-Bench / Spec-Bench, ``{"question_id", "category", "turns": [...], "reference": [...]?}``;
-- ``gsm8k``: ``{"question", "answer"}`` where the answer ends in ``#### <number>`` (kept as the reference);
+- ``gsm8k``: ``{"question", "answer"}`` where the answer ends in ``#### <number>`` (kept as the reference; the
+  normalized number becomes the prompt's gold ``answer``);
 - ``jsonl``: any JSON object with a text field (``text_field``, default ``prompt``) and optional
-  ``id`` / ``category`` fields.
+  ``id`` / ``category`` / ``answer`` fields.
 
-A hub dataset (``hub:<name>[:<config>]``, split from ``split``) is read through the ``datasets`` library
-when it is installed; its rows go through the same parsers.
+Sources:
+
+- a JSONL file in one of these formats;
+- a hub dataset (``hub:<name>[:<config>]``, split from ``split``), read through the ``datasets`` library when it
+  is installed; its rows go through the same parsers;
+- a built-in generated task (``synthetic:arithmetic[:train|test]``, see :mod:`src.data.tasks`): seeded
+  arithmetic word problems with known answers, no download needed.
+
+A prompt's ``answer`` is its gold final answer (None when the source has none, e.g. MT-Bench), checked with
+:func:`src.data.tasks.answers_match`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from src.data.tasks import extract_answer, normalize_number
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
 
 MT_BENCH_HINT = "`make setup` puts MT-Bench into datasets/mt_bench.jsonl"
@@ -36,11 +46,19 @@ class Prompt:
     turns: list[str]
     dataset: str
     reference: list[str] = field(default_factory=list)
+    answer: str | None = None  # the gold final answer (normalized when numeric), for tasks that have one
 
 
-def gsm8k_final_answer(answer: str) -> str:
-    """The number after ``####`` in a GSM8K answer (commas removed)."""
-    return answer.rsplit("####", 1)[-1].strip().replace(",", "")
+def gsm8k_final_answer(answer: str) -> str | None:
+    """The normalized number after ``####`` in a GSM8K answer (``#### 1,000`` -> ``1000``)."""
+    return extract_answer(answer, "gsm8k")
+
+
+def gold_answer(value: Any) -> str | None:
+    """A row's ``answer`` field: normalized when it is a number, else the stripped text (None when absent)."""
+    if value is None or not str(value).strip():
+        return None
+    return normalize_number(str(value)) or str(value).strip()
 
 
 def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, text_field: str) -> Prompt:
@@ -60,6 +78,7 @@ def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, 
             turns=list(turns),
             dataset=dataset,
             reference=list(row.get("reference") or []),
+            answer=gold_answer(row.get("answer")),
         )
     if fmt == "gsm8k":
         return Prompt(
@@ -68,6 +87,7 @@ def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, 
             turns=[str(row["question"])],
             dataset=dataset,
             reference=[str(row["answer"])],
+            answer=gsm8k_final_answer(str(row["answer"])),
         )
     text = row[text_field]
     if not isinstance(text, str):
@@ -78,6 +98,7 @@ def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, 
         turns=[text],
         dataset=dataset,
         reference=[str(r) for r in (row.get("reference") or [])] if isinstance(row.get("reference"), list) else [],
+        answer=gold_answer(row.get("answer")),
     )
 
 

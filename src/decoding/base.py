@@ -53,6 +53,15 @@ def model_logits(
     return out.logits
 
 
+def model_logits_and_hidden(model, input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`model_logits`, plus the final-layer hidden states after the final norm: (1, n, vocab), (1, n, H).
+
+    transformers returns the post-norm states as the last entry of ``hidden_states`` (the lm_head input).
+    """
+    out = model(input_ids=input_ids, **{_cache_keyword(type(model)): cache}, use_cache=True, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
 class DecodingMethod(ABC):
     """A decoding method: a plain object with typed ``__init__`` arguments (so configs can build it).
 
@@ -66,6 +75,10 @@ class DecodingMethod(ABC):
     def params(self) -> dict[str, Any]:
         """Method parameters that identify a configuration (go into records and resume keys)."""
         return {}
+
+    def prepare(self, target_info: dict[str, Any], draft_info: dict[str, Any] | None) -> None:
+        """Called once the models are loaded, before any ``generate`` (AutoJudge loads and checks its judge)."""
+        return None  # most methods need nothing
 
     @abstractmethod
     def generate(

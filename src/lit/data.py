@@ -16,7 +16,10 @@ from src.data.prompts import (
     read_prompt_file,
     select_prompts,
 )
+from src.data.tasks import SYNTHETIC_PREFIX, read_synthetic
 from src.errors import InvalidParameterError
+
+SYNTHETIC_DEFAULT_COUNT = 100  # prompts generated for a synthetic task when ``limit`` is None
 
 
 def _single_item(item):
@@ -24,23 +27,29 @@ def _single_item(item):
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Prompts from a JSONL file (MT-Bench / Spec-Bench, GSM8K, or any JSONL with a text field) or a hub dataset.
+    """Prompts from a JSONL file (MT-Bench / Spec-Bench, GSM8K, or any JSONL with a text field), a hub dataset,
+    or a built-in generated task.
+
+    Each predict batch is one prompt's dict: the :class:`~src.data.prompts.Prompt` fields (``answer`` is the gold
+    final answer, or None) plus the decoding options below.
 
     Args:
-        path: the JSONL file (``make setup`` provides ``datasets/mt_bench.jsonl``), or ``hub:<name>[:<config>]``
-            to read a hub dataset through the ``datasets`` library.
+        path: the JSONL file (``make setup`` provides ``datasets/mt_bench.jsonl``), ``hub:<name>[:<config>]``
+            to read a hub dataset through the ``datasets`` library, or ``synthetic:arithmetic[:train|test]``
+            for seeded arithmetic word problems with known answers (split ``train`` by default; no download).
         format: ``auto`` (detect per line), ``mt_bench``, ``gsm8k`` or ``jsonl``.
         text_field: the prompt field of ``jsonl`` rows.
-        split: split of a hub dataset.
-        categories: keep only these categories (default: all).
-        limit: keep the first N prompts after filtering and shuffling (default: all).
+        split: split of a hub dataset (a synthetic task takes its split from ``path``).
+        categories: keep only these categories (default: all; a synthetic task's categories are its templates).
+        limit: keep the first N prompts after filtering and shuffling (default: all); for a synthetic task, how
+            many to generate (default 100).
         turns: ``1`` decodes the first turn only; ``2`` also decodes MT-Bench's second turn, conditioned on the
             method's own first answer (as Spec-Bench does).
         chat_template: format prompts with the tokenizer's chat template.
         system_prompt: a system message placed before the first user turn (default: the template's own).
         max_prompt_tokens: keep only the last N prompt tokens (with a warning) when a prompt is longer.
         shuffle: shuffle the prompts (with ``seed``) before ``limit`` applies.
-        seed: the shuffle seed.
+        seed: the shuffle seed, and the generation seed of a synthetic task.
     """
 
     def __init__(
@@ -80,7 +89,10 @@ class PromptDataModule(L.LightningDataModule):
     def load_prompts(self) -> list[Prompt]:
         """Read and filter the prompts (cheap; the CLI calls it before any model loads to fail fast)."""
         if not self.prompts:
-            if self.path.startswith(HUB_PREFIX):
+            if self.path.startswith(SYNTHETIC_PREFIX):
+                count = SYNTHETIC_DEFAULT_COUNT if self.limit is None else self.limit
+                rows = read_synthetic(self.path, count, self.seed, self.categories)
+            elif self.path.startswith(HUB_PREFIX):
                 rows = read_hub_dataset(self.path, self.split, self.format, self.text_field)
             else:
                 rows = read_prompt_file(self.path, self.format, self.text_field)

@@ -60,6 +60,8 @@ class DecodingModule(L.LightningModule):
         self.methods = list(methods) if methods else [Baseline()]
         names = [m.name for m in self.methods]
         self.method_keys = [self._method_key(m, names) for m in self.methods]
+        if len(set(self.method_keys)) != len(self.method_keys):
+            raise InvalidParameterError(f"methods {self.method_keys} are configured twice: give each entry different parameters")
         self.max_new_tokens = max_new_tokens
         self.sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         self.seed = seed
@@ -74,18 +76,26 @@ class DecodingModule(L.LightningModule):
                     "e.g. --config configs/models/smollm2-135m-bf16.yaml"
                 )
 
-    @staticmethod
-    def _method_key(method: DecodingMethod, names: list[str]) -> str:
-        """The method name, extended by its parameters when the same method runs in several configurations."""
+    def _method_key(self, method: DecodingMethod, names: list[str]) -> str:
+        """The method name, extended by the parameters that tell apart several configurations of the same method."""
         if names.count(method.name) == 1:
             return method.name
-        return method.name + "[" + ",".join(f"{k}={v}" for k, v in method.params().items()) + "]"
+        siblings = [m.params() for m in self.methods if m.name == method.name]
+        varying = [k for k in method.params() if len({repr(p.get(k)) for p in siblings}) > 1] or list(method.params())
+        return method.name + "[" + ",".join(f"{k}={method.params()[k]}" for k in varying) + "]"
 
     # ---- set-up -------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
+    def ensure_pair(self, with_draft: bool = False) -> ModelPair:
+        """Load the target (and the draft, when a method needs it or ``with_draft``) once."""
         if self.pair is None:
-            needs_draft = any(m.needs_draft for m in self.methods)
+            needs_draft = any(m.needs_draft for m in self.methods) or with_draft
             self.pair = load_pair(self.target_spec, self.draft_spec if needs_draft else None)
+        return self.pair
+
+    def setup(self, stage: str) -> None:
+        pair = self.ensure_pair()
+        for method in self.methods:  # e.g. AutoJudge loads its judge and checks it was trained for this pair
+            method.prepare(pair.target.info, pair.draft.info if pair.draft is not None else None)
 
     @property
     def input_device(self) -> torch.device:
@@ -162,7 +172,19 @@ class DecodingModule(L.LightningModule):
         history[index] = messages + [{"role": "assistant", "content": text}]
         record = ok_record(common, generation, text)
         record["prompt_truncated_tokens"] = dropped
+        record.update(self._answer_fields(batch, method, text))
         return record, None
+
+    @staticmethod
+    def _answer_fields(batch: dict[str, Any], method: DecodingMethod, text: str) -> dict[str, Any]:
+        """``answer`` / ``answer_correct`` for tasks with a gold final answer (and every autojudge record)."""
+        gold = batch.get("answer")
+        if gold is None and method.name != "autojudge":
+            return {}
+        from src.data.tasks import answers_match, extract_answer
+
+        answer = extract_answer(text, batch.get("answer_extractor") or "gsm8k")
+        return {"answer": answer, "answer_correct": None if gold is None else answers_match(answer, gold)}
 
     def _common_fields(self, batch: dict[str, Any], turn: int, method: DecodingMethod, method_key: str, prompt_tokens: int):
         params = {

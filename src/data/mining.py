@@ -1,0 +1,308 @@
+"""AutoJudge label mining (Garipov et al. 2025, Algorithm 1) and the label store it writes.
+
+For one prompt with a checkable final answer::
+
+    R <- the target's greedy answer;  reference <- answer(R);  left_border <- 0
+    repeat:
+        teacher-force the draft over prompt + R;  pos <- first i >= left_border with draft_argmax_i != R_i
+        (none: stop)
+        R' <- R[:pos] + [draft token] + the target's greedy continuation
+        answer(R') == reference  ->  the mismatch is UNIMPORTANT (label 0), and R <- R'
+        otherwise                ->  IMPORTANT (label 1), R unchanged
+        left_border <- pos + 1
+    until no mismatch remains, or the per-prompt mismatch limit / wall-time budget is hit
+
+Features of a mismatch (the paper's default): the final-layer hidden states (after the final norm) of the
+draft and of the target at the draft token's position, on the sequence ``prompt + R[:pos] + [draft token]``.
+
+The target's continuation is the costly part. It is computed exactly (greedy), but it first *guesses* that
+the continuation re-joins R (the usual case after a harmless token swap) and verifies the whole guess in
+one forward, decoding token by token only from the first disagreement on.
+
+Store layout (``store_dir``): ``meta.json`` (models and settings), ``shards/<prompt>.safetensors`` (features
+of one prompt), ``labels.jsonl`` (one row per mismatch) and ``prompts.jsonl`` (one row per finished prompt,
+written last: a prompt without it is mined again, so a killed run resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.decoding.base import input_device, model_logits_and_hidden
+from src.decoding.kv import new_cache, truncate_cache
+from src.errors import IncompatibleModelsError, MalformedInputError
+
+log = logging.getLogger(__name__)
+
+IMPORTANT, UNIMPORTANT = 1, 0
+
+
+@dataclass
+class Mismatch:
+    position: int  # index in the answer R (0 = first generated token)
+    draft_token: int
+    target_token: int
+    label: int  # IMPORTANT or UNIMPORTANT
+    draft_hidden: torch.Tensor  # (Hd,)
+    target_hidden: torch.Tensor  # (Ht,)
+
+
+@dataclass
+class MinedPrompt:
+    reference_answer: str | None
+    initial_answer_tokens: list[int]
+    final_answer_tokens: list[int]
+    mismatches: list[Mismatch] = field(default_factory=list)
+    stopped_by: str = "no_mismatch"  # or "max_mismatches", "deadline", "no_answer"
+    target_tokens_decoded: int = 0
+
+
+# ---------------------------------------------------------------- target side
+
+
+@torch.inference_mode()
+def greedy_continue(
+    model, prefix: list[int], max_new_tokens: int, eos_token_ids: set[int], guess: list[int] = ()
+) -> tuple[list[int], torch.Tensor, int]:
+    """Greedy continuation of ``prefix``: (new tokens, hidden state (H,) at the last prefix token, tokens decoded
+    one by one).
+
+    While the output equals ``guess`` so far, the rest of the guess is verified in one forward (exact: a guessed
+    token is kept only when it is the argmax) -- prompt-lookup decoding with R as the lookup text.
+    """
+    device = input_device(model)
+    cache = new_cache()
+    logits, hidden = model_logits_and_hidden(model, torch.tensor([prefix], device=device), cache)
+    prefix_hidden = hidden[0, -1]
+    tokens = [int(logits[0, -1].argmax())]
+    stepped = 0
+    guess = list(guess)
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
+        budget = max_new_tokens - len(tokens)
+        on_guess = tokens == guess[: len(tokens)] and len(guess) > len(tokens)
+        chunk = guess[len(tokens) : len(tokens) + budget] if on_guess else []
+        logits, _ = model_logits_and_hidden(model, torch.tensor([tokens[-1:] + chunk], device=device), cache)
+        predicted = logits[0].argmax(-1).tolist()  # (len(chunk) + 1,)
+        agree = next((j for j, (c, p) in enumerate(zip(chunk, predicted)) if c != p), len(chunk))
+        stepped += not chunk
+        for new in chunk[:agree] + [predicted[agree]]:
+            if len(tokens) >= max_new_tokens:
+                break
+            tokens.append(new)
+            if new in eos_token_ids:
+                break
+        truncate_cache(cache, len(prefix) + len(tokens) - 1)  # everything but the newest token
+    return tokens, prefix_hidden, stepped
+
+
+# ---------------------------------------------------------------- draft side
+
+
+@torch.inference_mode()
+def draft_disagreements(draft, prompt: list[int], answer: list[int]) -> tuple[list[int], object]:
+    """Teacher-force the draft over prompt + answer: its argmax for every answer position (len(answer),), and the
+    cache holding prompt + answer."""
+    cache = new_cache()
+    device = input_device(draft)
+    logits, _ = model_logits_and_hidden(draft, torch.tensor([prompt + answer], device=device), cache)
+    # The logit row at prompt position len(prompt) - 1 + i predicts answer[i].
+    return logits[0, len(prompt) - 1 : len(prompt) - 1 + len(answer)].argmax(-1).tolist(), cache
+
+
+@torch.inference_mode()
+def draft_hidden_at(draft, cache, prompt_len: int, position: int, token: int) -> torch.Tensor:
+    """The draft's hidden state (Hd,) reading ``token`` at answer ``position`` (cache cut back to before it)."""
+    truncate_cache(cache, prompt_len + position)
+    _, hidden = model_logits_and_hidden(draft, torch.tensor([[token]], device=input_device(draft)), cache)
+    return hidden[0, -1]
+
+
+# ---------------------------------------------------------------- Algorithm 1
+
+
+def mine_prompt(
+    target,
+    draft,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    answer_of: Callable[[list[int]], str | None],
+    max_mismatches: int = 16,
+    deadline: float | None = None,
+) -> MinedPrompt:
+    """Label the draft/target mismatches of one prompt (module docstring). ``answer_of`` maps answer tokens to
+    the final answer (None when there is none); ``deadline`` is a ``time.monotonic()`` value."""
+    # Step 1: R = the target's greedy answer; its final answer is the reference.
+    answer, _, stepped = greedy_continue(target, prompt, max_new_tokens, eos_token_ids)
+    result = MinedPrompt(answer_of(answer), list(answer), list(answer), target_tokens_decoded=stepped)
+    if result.reference_answer is None:
+        result.stopped_by = "no_answer"
+        return result
+    left_border = 0
+    while True:
+        if len(result.mismatches) >= max_mismatches:
+            result.stopped_by = "max_mismatches"
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            result.stopped_by = "deadline"
+            break
+        # Step 2: the first position >= left_border where the teacher-forced draft disagrees with R.
+        predicted, draft_cache = draft_disagreements(draft, prompt, answer)
+        pos = next((i for i in range(left_border, len(answer)) if predicted[i] != answer[i]), None)
+        if pos is None:
+            result.stopped_by = "no_mismatch"
+            break
+        draft_token = predicted[pos]
+        # Step 3: R' = R[:pos] + draft token + the target's greedy continuation (guessing R's own tail).
+        budget = max_new_tokens - pos - 1
+        if budget > 0 and draft_token not in eos_token_ids:
+            tail, target_hidden, stepped = greedy_continue(
+                target, prompt + answer[:pos] + [draft_token], budget, eos_token_ids, guess=answer[pos + 1 :]
+            )
+        else:  # nothing may follow: still need the target's hidden state at the draft token
+            tail, target_hidden, stepped = [], _hidden_at_end(target, prompt + answer[:pos] + [draft_token]), 0
+        result.target_tokens_decoded += stepped
+        candidate = answer[:pos] + [draft_token] + tail
+        # Step 4: same final answer -> unimportant, and R follows the draft; else important.
+        label = UNIMPORTANT if answer_of(candidate) == result.reference_answer else IMPORTANT
+        result.mismatches.append(Mismatch(
+            pos, draft_token, answer[pos], label,
+            draft_hidden_at(draft, draft_cache, len(prompt), pos, draft_token).float().cpu(),
+            target_hidden.float().cpu(),
+        ))
+        if label == UNIMPORTANT:
+            answer = candidate
+        left_border = pos + 1
+    result.final_answer_tokens = list(answer)
+    return result
+
+
+@torch.inference_mode()
+def _hidden_at_end(model, ids: list[int]) -> torch.Tensor:
+    _, hidden = model_logits_and_hidden(model, torch.tensor([ids], device=input_device(model)), new_cache())
+    return hidden[0, -1]
+
+
+# ---------------------------------------------------------------- the store
+
+
+@dataclass
+class LabelSet:
+    """All mined mismatches: features (n, Hd) and (n, Ht), labels (n,), and the prompt of each row."""
+
+    draft_hidden: torch.Tensor
+    target_hidden: torch.Tensor
+    labels: torch.Tensor
+    prompt_ids: list[str]
+    rows: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+
+class LabelStore:
+    """Append-only store of mined labels (module docstring); safetensors for tensors, JSONL for the rest."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "meta.json"
+
+    def exists(self) -> bool:
+        return self.meta_path.is_file() and bool(self.finished_prompts())
+
+    def open(self, meta: dict[str, Any]) -> None:
+        """Create the store, or check that an existing one was mined with the same models and settings."""
+        (self.root / "shards").mkdir(parents=True, exist_ok=True)
+        if self.meta_path.is_file():
+            existing = json.loads(self.meta_path.read_text())
+            if existing != json.loads(json.dumps(meta)):
+                differing = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
+                raise IncompatibleModelsError(
+                    f"label store {self.root} was mined with other settings ({', '.join(differing)} differ): "
+                    "delete it or choose another store_dir"
+                )
+        else:
+            self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else {}
+
+    def finished_prompts(self) -> dict[str, dict[str, Any]]:
+        return {row["prompt_id"]: row for row in _read_jsonl(self.root / "prompts.jsonl")}
+
+    def add(self, prompt_id: str, mined: MinedPrompt, seconds: float) -> None:
+        """Write one prompt: features shard, label rows, then the prompt row that marks it finished."""
+        from safetensors.torch import save_file
+
+        shard = f"shards/{hashlib.sha1(prompt_id.encode()).hexdigest()[:16]}.safetensors"
+        if mined.mismatches:
+            save_file({
+                "draft_hidden": torch.stack([m.draft_hidden for m in mined.mismatches]).contiguous(),
+                "target_hidden": torch.stack([m.target_hidden for m in mined.mismatches]).contiguous(),
+            }, str(self.root / shard))
+        with (self.root / "labels.jsonl").open("a", encoding="utf-8") as handle:
+            for row, m in enumerate(mined.mismatches):
+                handle.write(json.dumps({
+                    "prompt_id": prompt_id, "position": m.position, "draft_token": m.draft_token,
+                    "target_token": m.target_token, "label": m.label, "shard": shard, "row": row,
+                }) + "\n")
+        with (self.root / "prompts.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({
+                "prompt_id": prompt_id, "reference_answer": mined.reference_answer, "stopped_by": mined.stopped_by,
+                "mismatches": len(mined.mismatches), "important": sum(m.label for m in mined.mismatches),
+                "answer_tokens": len(mined.initial_answer_tokens), "seconds": round(seconds, 3),
+            }) + "\n")
+
+    def load(self) -> LabelSet:
+        """Every label of a finished prompt (rows of an unfinished prompt, from a killed run, are ignored)."""
+        from safetensors.torch import load_file
+
+        finished = self.finished_prompts()
+        rows = [r for r in _read_jsonl(self.root / "labels.jsonl") if r["prompt_id"] in finished]
+        # A prompt mined twice (killed after its shard, before its prompt row) keeps its last rows only.
+        latest = {(r["prompt_id"], r["row"]): r for r in rows}
+        rows = list(latest.values())
+        shards: dict[str, dict[str, torch.Tensor]] = {}
+        draft, target = [], []
+        for r in rows:
+            if r["shard"] not in shards:
+                shards[r["shard"]] = load_file(str(self.root / r["shard"]))
+            draft.append(shards[r["shard"]]["draft_hidden"][r["row"]])
+            target.append(shards[r["shard"]]["target_hidden"][r["row"]])
+        if not rows:
+            return LabelSet(torch.empty(0, 0), torch.empty(0, 0), torch.empty(0), [], [])
+        return LabelSet(
+            torch.stack(draft), torch.stack(target), torch.tensor([r["label"] for r in rows], dtype=torch.float32),
+            [r["prompt_id"] for r in rows], rows,
+        )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                continue  # a line cut by a killed run
+            raise MalformedInputError(
+                f"{path}:{number} is not valid JSON: delete the label store and mine again"
+            ) from error
+    return rows

@@ -1,0 +1,172 @@
+"""AutoJudge (Garipov et al. 2025, "AutoJudge: Judge Decoding Without Manual Annotation"): lossy speculative
+decoding where a trained judge lets *unimportant* draft/target mismatches through.
+
+Greedy, as in the paper. Each cycle:
+
+    Step 1  the draft proposes k tokens d_1..d_k greedily (and is fed d_k too, for its hidden state);
+    Step 2  the target scores all of them in one forward: t_i = argmax p_i, hidden states h_i at each d_i;
+    Step 3  left to right: d_i == t_i -> accept; d_i != t_i -> the judge scores the mismatch from the draft's
+            and the target's final-layer hidden states at d_i; P(important) < threshold -> keep d_i (a
+            "judge-accepted" token) and go on, else emit t_i and end the cycle;
+    Step 4  all k kept -> also emit the bonus t_{k+1} (the target already conditioned on the kept drafts).
+
+With a judge that never lets anything through, the output is exactly greedy speculative decoding's (and the
+target's greedy output). Per cycle we also count what exact speculative decoding would have accepted (the
+leading exact matches), so records show the judge's gain on the same cycles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits_and_hidden
+from src.decoding.kv import cache_length, new_cache, truncate_cache
+from src.decoding.sampling import SamplingConfig
+from src.decoding.stats import Generation, GenerationStats, StageTimer
+from src.errors import InvalidParameterError
+
+
+class AutoJudge(DecodingMethod):
+    """Speculative greedy decoding with a mismatch judge.
+
+    Args:
+        k: draft tokens per target call.
+        judge_path: the exported judge (``<path>.safetensors`` + ``<path>.json``, written by
+            ``python -m src fit --config configs/autojudge.yaml``); None = the module's default path.
+        threshold: let a mismatch through when P(important) < threshold; None = the threshold chosen at fit time
+            (the largest keeping validation recall of important mismatches at the configured target).
+    """
+
+    name = "autojudge"
+    needs_draft = True
+
+    def __init__(self, k: int = 4, judge_path: str | None = None, threshold: float | None = None) -> None:
+        if k < 1:
+            raise InvalidParameterError(f"k={k} is invalid: use k >= 1 draft tokens per target call")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise InvalidParameterError(f"threshold={threshold} is invalid: use a probability in [0, 1] or null")
+        self.k = k
+        self.judge_path = judge_path
+        self.threshold = threshold
+        self.judge = None  # a src.models.judge.Judge, set by prepare() or directly (tests)
+
+    def params(self) -> dict[str, Any]:
+        return {"k": self.k, "threshold": self.threshold, "judge_path": self.judge_path}
+
+    def prepare(self, target_info: dict[str, Any], draft_info: dict[str, Any] | None) -> None:
+        from src.models.judge import Judge  # decoding stays importable without the judge's file format
+
+        if self.judge_path is None:
+            raise InvalidParameterError("autojudge needs judge_path: set it, or use the AutoJudge module's judge_path")
+        self.judge = Judge.load(self.judge_path)
+        self.judge.check_pair(target_info, draft_info)
+
+    @property
+    def effective_threshold(self) -> float:
+        return self.threshold if self.threshold is not None else self.judge.threshold
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        target,
+        draft,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        eos_token_ids: set[int],
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        check_generate_args(input_ids, max_new_tokens)
+        if not sampling.greedy:
+            raise InvalidParameterError(
+                f"autojudge is greedy (as in the paper) but temperature={sampling.temperature}: set temperature 0"
+            )
+        if draft is None or self.judge is None:
+            raise InvalidParameterError("autojudge needs a draft model and a loaded judge (prepare() loads it)")
+        stats = GenerationStats()
+        stats.extra.update(judge_accepted=0, exact_accepted_tokens=0)
+        device, draft_device = input_ids.device, input_device(draft)
+        target_cache, draft_cache = new_cache(), new_cache()
+        sequence: list[int] = input_ids[0].tolist()
+        prompt_len = len(sequence)
+
+        # Prefill: the first token is the target's argmax after the prompt.
+        with StageTimer(device) as prefill:
+            p_logits, _ = model_logits_and_hidden(target, input_ids, target_cache)
+            model_logits_and_hidden(draft, input_ids.to(draft_device), draft_cache)
+            stats.target_calls += 1
+            stats.draft_calls += 1
+            sequence.append(int(p_logits[0, -1].argmax()))
+        stats.prefill_s = prefill.elapsed
+
+        with StageTimer(device) as decode:
+            while len(sequence) - prompt_len < max_new_tokens and sequence[-1] not in eos_token_ids:
+                k_step = min(self.k, max_new_tokens - (len(sequence) - prompt_len) - 1)
+                committed = len(sequence)
+                drafts, draft_hidden = self.draft_chain(draft, draft_cache, sequence, k_step, draft_device)
+                stats.draft_calls += k_step + (k_step > 0)
+                target_choice, target_hidden = self.verify(target, target_cache, sequence, drafts, device)
+                stats.target_calls += 1
+                kept, token, judged, exact = self.judge_cycle(drafts, target_choice, draft_hidden, target_hidden)
+                stats.record_step(drafted=k_step, accepted=kept)
+                stats.extra["judge_accepted"] += judged
+                stats.extra["exact_accepted_tokens"] += exact
+                for new in [*drafts[:kept], token]:
+                    sequence.append(new)
+                    if new in eos_token_ids:
+                        break
+                truncate_cache(target_cache, committed + kept)
+                truncate_cache(draft_cache, committed + kept)
+        stats.decode_s = decode.elapsed
+
+        cycles = len(stats.accepted_per_step)
+        stats.extra["accepted_per_cycle_mean"] = stats.accepted_tokens / cycles if cycles else None
+        stats.extra["exact_accepted_per_cycle_mean"] = stats.extra["exact_accepted_tokens"] / cycles if cycles else None
+        tokens = sequence[prompt_len:]
+        return Generation(tokens=tokens, stats=stats, stopped_by="eos" if tokens[-1] in eos_token_ids else "max_new_tokens")
+
+    # ---------------------------------------------------------------- stages
+
+    def draft_chain(self, draft, cache, sequence: list[int], k: int, device) -> tuple[list[int], torch.Tensor]:
+        """Step 1: k greedy draft tokens and the draft's hidden state at each of them: list (k,), (k, Hd).
+
+        The hidden state of d_i comes out of the forward that *reads* d_i, so d_k is fed once more.
+        """
+        drafts: list[int] = []
+        hidden_rows: list[torch.Tensor] = []
+        step_input = sequence[cache_length(cache) :]
+        for i in range(k + 1 if k else 0):
+            logits, hidden = model_logits_and_hidden(draft, torch.tensor([step_input], device=device), cache)
+            if i > 0:
+                hidden_rows.append(hidden[0, -1])
+            if i == k:
+                break
+            drafts.append(int(logits[0, -1].argmax()))
+            step_input = drafts[-1:]
+        rows = torch.stack(hidden_rows) if hidden_rows else torch.empty(0, 0)
+        return drafts, rows
+
+    def verify(self, target, cache, sequence: list[int], drafts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 2: one target forward over unseen tokens + drafts -> argmax t (k + 1,), hidden at d_i (k, Ht)."""
+        step_input = torch.tensor([sequence[cache_length(cache) :] + drafts], device=device)
+        logits, hidden = model_logits_and_hidden(target, step_input, cache)
+        k = len(drafts)
+        return logits[0, -(k + 1) :].argmax(-1), hidden[0, hidden.shape[1] - k :]
+
+    def judge_cycle(
+        self, drafts: list[int], target_choice: torch.Tensor, draft_hidden: torch.Tensor, target_hidden: torch.Tensor
+    ) -> tuple[int, int, int, int]:
+        """Steps 3-4: (drafts kept, token emitted after them, mismatches let through, exact-rule acceptance)."""
+        choice = target_choice.tolist()
+        exact = next((i for i, (d, t) in enumerate(zip(drafts, choice)) if d != t), len(drafts))
+        kept = judged = 0
+        for i, (d, t) in enumerate(zip(drafts, choice)):
+            if d != t:
+                important = float(self.judge.score(draft_hidden[i : i + 1], target_hidden[i : i + 1])[0])
+                if important >= self.effective_threshold:
+                    return kept, t, judged, exact
+                judged += 1
+            kept += 1
+        return kept, choice[len(drafts)], judged, exact

@@ -1,0 +1,257 @@
+"""AutoJudge: label mining (against a naive re-implementation of Algorithm 1), features, the label store,
+threshold selection, the judge files, decoding with a judge, and fit on a tiny label set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_llama, perturbed_copy
+
+from src.data.mining import IMPORTANT, UNIMPORTANT, LabelStore, greedy_continue, mine_prompt
+from src.decoding.autojudge import AutoJudge
+from src.decoding.baseline import Baseline
+from src.decoding.sampling import SamplingConfig
+from src.decoding.speculative import SpeculativeSampling
+from src.errors import IncompatibleModelsError, InvalidParameterError, MissingInputError
+from src.models.judge import Judge, JudgeHead, select_threshold
+
+PROMPT = [1, 17, 33, 5, 90]
+EOS = {2}
+TARGET_INFO = {"name": "tiny-target", "dtype": "float32", "quantization": "none", "device": "cpu"}
+DRAFT_INFO = {"name": "tiny-draft", "dtype": "float32", "quantization": "none", "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def noisy_pair():
+    """A tiny Llama and a copy noisy enough to disagree on many greedy tokens."""
+    target = build_tiny_llama(seed=3)
+    return target, perturbed_copy(target, noise=0.05, seed=4)
+
+
+def answer_mod(tokens: list[int]) -> str | None:
+    """A known answer function: the sum of the answer's tokens modulo 4 (None for an empty answer)."""
+    return str(sum(tokens) % 4) if tokens else None
+
+
+# ---------------------------------------------------------------- naive reference of Algorithm 1
+
+
+@torch.no_grad()
+def naive_greedy(model, prefix: list[int], n: int) -> list[int]:
+    """Greedy decoding by full recomputation: no cache, no guess."""
+    out: list[int] = []
+    while len(out) < n and (not out or out[-1] not in EOS):
+        logits = model(input_ids=torch.tensor([prefix + out])).logits
+        out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+@torch.no_grad()
+def naive_mine(target, draft, prompt, n, max_mismatches):
+    answer = naive_greedy(target, prompt, n)
+    reference, left, labels = answer_mod(answer), 0, []
+    while len(labels) < max_mismatches:
+        logits = draft(input_ids=torch.tensor([prompt + answer])).logits[0]
+        predicted = [int(logits[len(prompt) - 1 + i].argmax()) for i in range(len(answer))]
+        pos = next((i for i in range(left, len(answer)) if predicted[i] != answer[i]), None)
+        if pos is None:
+            break
+        tail = naive_greedy(target, prompt + answer[:pos] + [predicted[pos]], n - pos - 1) if predicted[pos] not in EOS else []
+        candidate = answer[:pos] + [predicted[pos]] + tail
+        label = UNIMPORTANT if answer_mod(candidate) == reference else IMPORTANT
+        labels.append((pos, predicted[pos], answer[pos], label))
+        if label == UNIMPORTANT:
+            answer = candidate
+        left = pos + 1
+    return labels, answer
+
+
+# ---------------------------------------------------------------- mining
+
+
+def test_greedy_continue_with_a_guess_is_exact(noisy_pair):
+    target, _ = noisy_pair
+    plain = naive_greedy(target, PROMPT, 24)
+    for guess in ([], plain, plain[:7] + [0] * 17, [5] * 24):
+        tokens, hidden, stepped = greedy_continue(target, PROMPT, 24, EOS, guess=guess)
+        assert tokens == plain, f"guess {guess[:8]}..."
+        assert hidden.shape == (64,)
+    assert greedy_continue(target, PROMPT, 24, EOS, guess=plain)[2] == 0  # a right guess needs no single steps
+
+
+@pytest.mark.parametrize("max_mismatches", [1, 4, 50])
+def test_mining_matches_a_naive_algorithm_1(noisy_pair, max_mismatches):
+    target, draft = noisy_pair
+    mined = mine_prompt(target, draft, PROMPT, 24, EOS, answer_mod, max_mismatches=max_mismatches)
+    expected_labels, expected_final = naive_mine(target, draft, PROMPT, 24, max_mismatches)
+    got = [(m.position, m.draft_token, m.target_token, m.label) for m in mined.mismatches]
+    assert got == expected_labels
+    assert mined.final_answer_tokens == expected_final
+    assert mined.initial_answer_tokens == naive_greedy(target, PROMPT, 24)
+    if max_mismatches == 50:  # the whole answer: both kinds of mismatch occur, and R followed the draft once
+        assert {m.label for m in mined.mismatches} == {IMPORTANT, UNIMPORTANT}
+        assert mined.final_answer_tokens != mined.initial_answer_tokens
+    assert all(a.position < b.position for a, b in zip(mined.mismatches, mined.mismatches[1:]))
+    if max_mismatches == 50:
+        assert mined.stopped_by == "no_mismatch"
+
+
+def test_features_are_hidden_states_on_the_sequence_holding_the_draft_token(noisy_pair):
+    target, draft = noisy_pair
+    mined = mine_prompt(target, draft, PROMPT, 24, EOS, answer_mod, max_mismatches=3)
+    assert len(mined.mismatches) == 3
+    answer = mined.initial_answer_tokens
+    for m in mined.mismatches:
+        ids = torch.tensor([PROMPT + answer[: m.position] + [m.draft_token]])
+        with torch.no_grad():
+            expected_target = target(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+            expected_draft = draft(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        assert m.target_hidden.shape == (64,) and m.draft_hidden.shape == (64,)
+        torch.testing.assert_close(m.target_hidden, expected_target, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m.draft_hidden, expected_draft, atol=1e-4, rtol=1e-4)
+        if m.label == UNIMPORTANT:
+            answer = answer[: m.position] + [m.draft_token] + mined.final_answer_tokens[m.position + 1 :]
+            break  # later mismatches sit on the updated answer; the first ones suffice here
+
+
+def test_no_answer_stops_before_any_label(noisy_pair):
+    target, draft = noisy_pair
+    mined = mine_prompt(target, draft, PROMPT, 12, EOS, lambda tokens: None)
+    assert mined.stopped_by == "no_answer" and not mined.mismatches
+
+
+def test_deadline_stops_mining(noisy_pair):
+    target, draft = noisy_pair
+    mined = mine_prompt(target, draft, PROMPT, 12, EOS, answer_mod, deadline=0.0)
+    assert mined.stopped_by == "deadline" and not mined.mismatches
+
+
+# ---------------------------------------------------------------- store
+
+
+def test_store_round_trip_resume_and_a_killed_prompt(noisy_pair, tmp_path):
+    target, draft = noisy_pair
+    store = LabelStore(tmp_path / "labels")
+    meta = {"target": TARGET_INFO, "draft": DRAFT_INFO}
+    store.open(meta)
+    first = mine_prompt(target, draft, PROMPT, 16, EOS, answer_mod, max_mismatches=3)
+    second = mine_prompt(target, draft, [1, 9, 9], 16, EOS, answer_mod, max_mismatches=2)
+    store.add("a", first, 1.0)
+    store.add("b", second, 1.0)
+    # a run killed after writing prompt c's labels but before its prompt row: c is not finished
+    with (store.root / "labels.jsonl").open("a") as handle:
+        handle.write(json.dumps({"prompt_id": "c", "position": 0, "draft_token": 1, "target_token": 2, "label": 1,
+                                 "shard": "shards/none.safetensors", "row": 0}) + "\n")
+    assert set(store.finished_prompts()) == {"a", "b"}
+    labels = store.load()
+    assert len(labels) == len(first.mismatches) + len(second.mismatches)
+    assert labels.prompt_ids.count("a") == len(first.mismatches)
+    torch.testing.assert_close(labels.draft_hidden[0], first.mismatches[0].draft_hidden)
+    assert labels.labels.tolist() == [float(m.label) for m in first.mismatches + second.mismatches]
+    store.open(meta)  # same settings: reopened
+    with pytest.raises(IncompatibleModelsError, match="draft differ.*delete it"):
+        store.open({"target": TARGET_INFO, "draft": {**DRAFT_INFO, "quantization": "bnb-4bit-nf4"}})
+
+
+# ---------------------------------------------------------------- threshold and judge files
+
+
+def test_threshold_keeps_the_recall_target():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.35, 0.15])
+    labels = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0])
+    # 10 important scores; recall >= 0.9 needs 9 of them >= t: the largest such t is the 9th highest, 0.1
+    assert select_threshold(scores, labels, 0.9) == pytest.approx(0.1)
+    assert select_threshold(scores, labels, 1.0) == pytest.approx(0.05)
+    assert select_threshold(scores, labels, 0.5) == pytest.approx(0.5)
+    assert select_threshold(scores, torch.zeros(12), 0.9) == 1.0
+    with pytest.raises(InvalidParameterError, match="recall_target=0"):
+        select_threshold(scores, labels, 0.0)
+
+
+def make_judge(threshold: float, layout: str = "draft+target", bias: float = 0.0) -> Judge:
+    head = JudgeHead(128 if layout == "draft+target" else 64)
+    with torch.no_grad():
+        head.net.weight.zero_()
+        head.net.bias.fill_(bias)
+    return Judge(head, threshold, layout, TARGET_INFO, DRAFT_INFO)
+
+
+def test_judge_files_round_trip_and_refuse_another_pair(tmp_path):
+    judge = make_judge(0.3, bias=1.5)
+    judge.head.net.weight.data.normal_()
+    judge.head.set_standardization(torch.randn(128), torch.rand(128) + 0.5)
+    judge.save(tmp_path / "judge")
+    loaded = Judge.load(tmp_path / "judge")
+    x_d, x_t = torch.randn(5, 64), torch.randn(5, 64)
+    torch.testing.assert_close(loaded.score(x_d, x_t), judge.score(x_d, x_t))
+    assert loaded.threshold == 0.3 and loaded.feature_layout == "draft+target"
+    loaded.check_pair(TARGET_INFO, {**DRAFT_INFO, "device": "cuda:0"})  # the device does not matter
+    with pytest.raises(IncompatibleModelsError, match="trained for draft.*tiny-draft.*other-draft"):
+        loaded.check_pair(TARGET_INFO, {**DRAFT_INFO, "name": "other-draft"})
+    with pytest.raises(MissingInputError, match="python -m src fit --config configs/autojudge.yaml"):
+        Judge.load(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def autojudge_with(judge: Judge, k: int = 3) -> AutoJudge:
+    method = AutoJudge(k=k)
+    method.judge = judge
+    return method
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_a_judge_that_lets_nothing_through_is_greedy_speculative_decoding(noisy_pair, k):
+    target, draft = noisy_pair
+    input_ids = torch.tensor([PROMPT])
+    never = autojudge_with(make_judge(threshold=0.0), k)  # P(important) >= 0 always: every mismatch is important
+    ours = never.generate(target, draft, input_ids, 40, SamplingConfig(), EOS)
+    speculative = SpeculativeSampling(k).generate(target, draft, input_ids, 40, SamplingConfig(), EOS)
+    baseline = Baseline().generate(target, None, input_ids, 40, SamplingConfig(), EOS)
+    assert ours.tokens == speculative.tokens == baseline.tokens
+    assert ours.stats.accepted_per_step == speculative.stats.accepted_per_step
+    assert ours.stats.extra["judge_accepted"] == 0
+    assert ours.stats.extra["exact_accepted_tokens"] == ours.stats.accepted_tokens
+
+
+def test_a_judge_that_lets_everything_through_keeps_every_draft(noisy_pair):
+    target, draft = noisy_pair
+    always = autojudge_with(make_judge(threshold=1.0, bias=-20.0), k=4)  # P(important) ~ 0 < 1
+    generation = always.generate(target, draft, torch.tensor([PROMPT]), 41, SamplingConfig(), set())
+    stats = generation.stats
+    assert stats.accepted_per_step == [4] * 8  # 1 prefill token + 8 cycles of 4 drafts + 1 target token
+    assert stats.target_calls == 9 and generation.new_tokens == 41
+    assert stats.extra["judge_accepted"] == stats.accepted_tokens - stats.extra["exact_accepted_tokens"] > 0
+    assert stats.extra["accepted_per_cycle_mean"] == 4.0
+    assert generation.tokens != Baseline().generate(target, None, torch.tensor([PROMPT]), 41, SamplingConfig(), set()).tokens
+
+
+def test_target_only_layout_and_threshold_override(noisy_pair):
+    target, draft = noisy_pair
+    method = AutoJudge(k=2, threshold=0.9)
+    method.judge = make_judge(threshold=0.1, layout="target", bias=0.0)  # P(important) = 0.5
+    generation = method.generate(target, draft, torch.tensor([PROMPT]), 20, SamplingConfig(), EOS)
+    assert method.effective_threshold == 0.9 and generation.stats.extra["judge_accepted"] > 0
+
+
+def test_autojudge_refuses_sampling_and_bad_parameters(noisy_pair):
+    target, draft = noisy_pair
+    method = autojudge_with(make_judge(0.5))
+    with pytest.raises(InvalidParameterError, match="temperature=0.7: set temperature 0"):
+        method.generate(target, draft, torch.tensor([PROMPT]), 8, SamplingConfig(temperature=0.7), EOS)
+    with pytest.raises(InvalidParameterError, match="threshold=1.5"):
+        AutoJudge(threshold=1.5)
+    with pytest.raises(InvalidParameterError, match="k=0"):
+        AutoJudge(k=0)
+
+
+def test_prepare_loads_the_judge_and_checks_the_pair(tmp_path):
+    make_judge(0.4).save(tmp_path / "judge")
+    method = AutoJudge(judge_path=str(tmp_path / "judge"))
+    method.prepare(TARGET_INFO, DRAFT_INFO)
+    assert method.effective_threshold == 0.4
+    with pytest.raises(IncompatibleModelsError):
+        AutoJudge(judge_path=str(tmp_path / "judge")).prepare({**TARGET_INFO, "name": "big"}, DRAFT_INFO)
