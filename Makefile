@@ -10,7 +10,7 @@ ARGS            ?=
 PY              := $(VENV)/bin/python
 SETUP_ENV       := VENV=$(VENV) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_INDEX_URL=$(TORCH_INDEX_URL)
 
-.PHONY: help setup predict test test-all lint list-presets clean
+.PHONY: help setup predict report test test-all lint list-presets clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ setup:  ## create .venv, install pinned torch, the project, the embedded model a
 
 predict: setup  ## decode MT-Bench with the default config (CONFIG=..., ARGS="--data.limit 3")
 	$(PY) -m src predict --config $(CONFIG) $(ARGS)
+
+report: setup  ## summarise datasets/results.jsonl into reports/ (report.md, report.html, PNGs; ARGS="--seed 1")
+	$(PY) -m src.report datasets/results.jsonl --out reports $(ARGS)
 
 test: setup  ## run the default test suite (everything but tests marked slow)
 	$(PY) -m pytest -m "not slow" -q $(ARGS)

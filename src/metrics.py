@@ -26,6 +26,7 @@ class DecodingMetrics(Metric):
             "records", "errors", "new_tokens", "wall_s", "tokens_per_s_sum", "target_calls", "draft_calls",
             "drafted_tokens", "accepted_tokens", "compared", "matches", "log_speedup_sum", "speedup_count",
             "tree_size_sum", "tree_depth_sum", "prune_rate_sum", "parallelism_sum", "tree_records",
+            "answered", "correct", "judge_accepted", "exact_accepted_tokens",
         )
         for name in sums:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -48,6 +49,12 @@ class DecodingMetrics(Metric):
         if record.get("matches_baseline") is not None:
             self.compared += 1
             self.matches += bool(record["matches_baseline"])
+        if record.get("answer_correct") is not None:
+            self.answered += 1
+            self.correct += bool(record["answer_correct"])
+        if record.get("judge_accepted") is not None:
+            self.judge_accepted += record["judge_accepted"]
+            self.exact_accepted_tokens += record.get("exact_accepted_tokens") or 0
         if record.get("speedup"):
             self.log_speedup_sum += math.log(record["speedup"])
             self.speedup_count += 1
@@ -83,6 +90,7 @@ class DecodingMetrics(Metric):
             "acceptance_rate": ratio(self.accepted_tokens, self.drafted_tokens),
             "accepted_per_position": positions,
             "matches_baseline_rate": ratio(self.matches, self.compared),
+            "accuracy": ratio(self.correct, self.answered),
             "speedup_geomean": math.exp(float(self.log_speedup_sum) / float(self.speedup_count))
             if float(self.speedup_count)
             else None,
@@ -94,6 +102,12 @@ class DecodingMetrics(Metric):
                 branch_prune_rate=ratio(self.prune_rate_sum, self.tree_records),
                 effective_parallelism=ratio(self.parallelism_sum, self.tree_records),
                 max_active_branches=int(self.max_active_branches),
+            )
+        if float(self.judge_accepted) or float(self.exact_accepted_tokens):
+            result.update(
+                judge_accepted=int(self.judge_accepted),
+                # of the accepted drafts, the share only the judge let through (exact decoding would have stopped)
+                judge_accepted_share=ratio(self.judge_accepted, self.accepted_tokens),
             )
         return result
 
@@ -114,13 +128,17 @@ def format_summary_table(per_method: dict[str, dict[str, Any]]) -> str:
         return f"{'-':>{width}}" if value is None else format(value, spec)
 
     name_width = max([28, *(len(name) for name in per_method)])
-    header = f"{'method':<{name_width}} {'tok/s':>8} {'speedup':>8} {'geo':>6} {'tok/call':>8} {'accept':>7} {'=base':>6} {'errors':>6}"
+    with_accuracy = any(values.get("accuracy") is not None for values in per_method.values())
+    header = f"{'method':<{name_width}} {'tok/s':>8} {'speedup':>8} {'geo':>6} {'tok/call':>8} {'accept':>7} {'=base':>6}"
+    header += f" {'acc':>6} {'errors':>6}" if with_accuracy else f" {'errors':>6}"
     lines = [header, "-" * len(header)]
     for name, values in per_method.items():
         match = values["matches_baseline_rate"]
         lines.append(
             f"{name:<{name_width}} {cell(values['tokens_per_s'], '8.2f')} {cell(values['speedup'], '8.2f')} "
             f"{cell(values['speedup_geomean'], '6.2f')} {cell(values['tokens_per_target_call'], '8.2f')} "
-            f"{cell(values['acceptance_rate'], '7.1%')} {cell(match, '6.0%')} {values['errors']:>6d}"
+            f"{cell(values['acceptance_rate'], '7.1%')} {cell(match, '6.0%')}"
+            + (f" {cell(values.get('accuracy'), '6.0%')}" if with_accuracy else "")
+            + f" {values['errors']:>6d}"
         )
     return "\n".join(lines)

@@ -75,10 +75,25 @@ def test_greedy_continue_with_a_guess_is_exact(noisy_pair):
     target, _ = noisy_pair
     plain = naive_greedy(target, PROMPT, 24)
     for guess in ([], plain, plain[:7] + [0] * 17, [5] * 24):
-        tokens, hidden, stepped = greedy_continue(target, PROMPT, 24, EOS, guess=guess)
+        tokens, hidden, _ = greedy_continue(target, PROMPT, 24, EOS, guess=guess)
         assert tokens == plain, f"guess {guess[:8]}..."
         assert hidden.shape == (64,)
-    assert greedy_continue(target, PROMPT, 24, EOS, guess=plain)[2] == 0  # a right guess needs no single steps
+    assert greedy_continue(target, PROMPT, 24, EOS, guess=plain)[2] == 1  # a right guess is verified in one forward
+    assert greedy_continue(target, PROMPT, 24, EOS)[2] == 23  # no guess: one forward per token after the first
+    shifted = [7] + plain[:10] + plain[12:]  # the output re-appears in the guess at another offset
+    assert greedy_continue(target, PROMPT, 24, EOS, guess=shifted)[0] == plain
+
+
+def test_lookup_chunk_follows_the_latest_ngram_nearest_the_aligned_position():
+    from src.data.mining import lookup_chunk
+
+    guess = [5, 6, 7, 8, 9, 1, 2, 3, 4, 6, 7, 8, 20, 21]
+    assert lookup_chunk([5, 6], guess, 3) == [7, 8, 9]  # aligned: the rest of the guess
+    # the 3-gram (6, 7, 8) occurs twice; the occurrence ending nearest the output's length wins
+    assert lookup_chunk([0, 6, 7, 8], guess, 10) == [9, 1, 2, 3, 4, 6, 7, 8, 20, 21]
+    assert lookup_chunk([0] * 10 + [6, 7, 8], guess, 10) == [20, 21]
+    assert lookup_chunk([0, 0, 0, 0, 0, 0, 1, 2], guess, 10) == [3, 4, 6, 7, 8, 20, 21]
+    assert lookup_chunk([0, 42], guess, 10) == []
 
 
 @pytest.mark.parametrize("max_mismatches", [1, 4, 50])
@@ -255,3 +270,74 @@ def test_prepare_loads_the_judge_and_checks_the_pair(tmp_path):
     assert method.effective_threshold == 0.4
     with pytest.raises(IncompatibleModelsError):
         AutoJudge(judge_path=str(tmp_path / "judge")).prepare({**TARGET_INFO, "name": "big"}, DRAFT_INFO)
+
+
+# ---------------------------------------------------------------- fit
+
+
+def write_label_store(root, prompt_ids: list[str], per_prompt: int = 12, seed: int = 0) -> None:
+    """A store of separable labels: a mismatch is important when its first target feature is positive."""
+    from src.data.mining import MinedPrompt, Mismatch
+
+    generator = torch.Generator().manual_seed(seed)
+    store = LabelStore(root)
+    store.open({"target": TARGET_INFO, "draft": DRAFT_INFO})
+    for prompt_id in prompt_ids:
+        mismatches = []
+        for position in range(per_prompt):
+            draft_hidden, target_hidden = torch.randn(8, generator=generator), torch.randn(8, generator=generator)
+            label = IMPORTANT if target_hidden[0] > 0 else UNIMPORTANT
+            mismatches.append(Mismatch(position, 3, 4, label, draft_hidden, target_hidden))
+        store.add(prompt_id, MinedPrompt("7", [1], [1], mismatches), 0.1)
+
+
+def test_fit_trains_and_exports_a_loadable_judge(tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from src.cli import cli_main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["python -m src"])
+    questions = tmp_path / "train.jsonl"
+    questions.write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) + "\n"
+        for i in range(8)
+    ))
+    write_label_store(tmp_path / "labels", [f"q{i}" for i in range(8)])
+    judge_path = tmp_path / "judge"
+    cli_main([
+        "fit", "--config", "configs/autojudge.yaml", "--data.mine_path", str(questions),
+        "--data.mine_prompts", "8", "--data.store_dir", str(tmp_path / "labels"), "--data.batch_size", "16",
+        "--model.judge_path", str(judge_path), "--model.learning_rate", "0.05", "--trainer.max_epochs", "15",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "csv"),
+        "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+    ])
+    judge = Judge.load(judge_path)
+    assert judge.target == {k: TARGET_INFO[k] for k in ("name", "dtype", "quantization")}
+    assert judge.head.in_features == 16 and judge.feature_layout == "draft+target"
+    assert judge.metrics["val_auroc"] > 0.9  # the labels are a linear function of one feature
+    assert judge.metrics["val_recall_important"] >= 0.9 and judge.metrics["train_labels"] + judge.metrics["val_labels"] == 96
+    assert judge.metrics["val_labels"] == 2 * 12  # 25% of 8 prompts, split by prompt
+    metrics_csv = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
+    assert "val_auroc" in metrics_csv and "train_loss" in metrics_csv
+
+
+def test_split_is_by_prompt_never_by_token(tmp_path):
+    from src.lit.judge import JudgeDataModule
+
+    write_label_store(tmp_path / "labels", [f"p{i}" for i in range(10)], per_prompt=5)
+    data = JudgeDataModule(store_dir=str(tmp_path / "labels"), val_fraction=0.3)
+    labels = data.store.load()
+    train, val = data.split_by_prompt(labels)
+    train_prompts = {labels.prompt_ids[i] for i in train.tolist()}
+    val_prompts = {labels.prompt_ids[i] for i in val.tolist()}
+    assert not train_prompts & val_prompts and len(val_prompts) == 3 and len(train) + len(val) == 50
+
+
+def test_an_answer_cut_by_the_token_limit_is_skipped(noisy_pair):
+    target, draft = noisy_pair
+    cut = mine_prompt(target, draft, PROMPT, 12, EOS, answer_mod, skip_unfinished=True)
+    assert cut.stopped_by == "unfinished" and not cut.mismatches
+    first = naive_greedy(target, PROMPT, 1)[0]
+    finished = mine_prompt(target, draft, PROMPT, 12, {first}, answer_mod, skip_unfinished=True)
+    assert finished.stopped_by != "unfinished" and finished.initial_answer_tokens == [first]

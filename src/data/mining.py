@@ -15,9 +15,10 @@ For one prompt with a checkable final answer::
 Features of a mismatch (the paper's default): the final-layer hidden states (after the final norm) of the
 draft and of the target at the draft token's position, on the sequence ``prompt + R[:pos] + [draft token]``.
 
-The target's continuation is the costly part. It is computed exactly (greedy), but it first *guesses* that
-the continuation re-joins R (the usual case after a harmless token swap) and verifies the whole guess in
-one forward, decoding token by token only from the first disagreement on.
+The target's continuation is the costly part. It is computed exactly (greedy), but guessed from R: while it
+still equals R's tail the whole tail is verified in one forward, and after a divergence the tokens that
+follow the output's latest n-gram inside R are proposed (prompt-lookup decoding), since a swapped word often
+leaves the rest of the reasoning unchanged but shifted.
 
 Store layout (``store_dir``): ``meta.json`` (models and settings), ``shards/<prompt>.safetensors`` (features
 of one prompt), ``labels.jsonl`` (one row per mismatch) and ``prompts.jsonl`` (one row per finished prompt,
@@ -62,38 +63,57 @@ class MinedPrompt:
     initial_answer_tokens: list[int]
     final_answer_tokens: list[int]
     mismatches: list[Mismatch] = field(default_factory=list)
-    stopped_by: str = "no_mismatch"  # or "max_mismatches", "deadline", "no_answer"
-    target_tokens_decoded: int = 0
+    stopped_by: str = "no_mismatch"  # or "max_mismatches", "deadline", "no_answer", "unfinished"
+    target_forwards: int = 0  # target forwards of the greedy decodes, prefills excluded
 
 
 # ---------------------------------------------------------------- target side
+
+
+LOOKUP_NGRAM = (3, 2)  # n-gram lengths tried, longest first, to re-find the output inside the guess
+LOOKUP_CHUNK = 16  # guessed tokens verified per forward once the output has left the aligned guess
+
+
+def lookup_chunk(tokens: list[int], guess: list[int], budget: int) -> list[int]:
+    """The tokens to propose next: the guess's rest while the output still equals it; afterwards, what follows
+    the latest n-gram of the output inside the guess, nearest to the aligned position (prompt-lookup decoding).
+    """
+    if len(guess) > len(tokens) and tokens == guess[: len(tokens)]:
+        return guess[len(tokens) : len(tokens) + budget]
+    for n in LOOKUP_NGRAM:
+        if len(tokens) < n:
+            continue
+        tail = tokens[-n:]
+        starts = [j for j in range(len(guess) - n) if guess[j : j + n] == tail]
+        if starts:
+            j = min(starts, key=lambda start: abs(start + n - len(tokens)))
+            return guess[j + n : j + n + min(budget, LOOKUP_CHUNK)]
+    return []
 
 
 @torch.inference_mode()
 def greedy_continue(
     model, prefix: list[int], max_new_tokens: int, eos_token_ids: set[int], guess: list[int] = ()
 ) -> tuple[list[int], torch.Tensor, int]:
-    """Greedy continuation of ``prefix``: (new tokens, hidden state (H,) at the last prefix token, tokens decoded
-    one by one).
+    """Greedy continuation of ``prefix``: (new tokens, hidden state (H,) at the last prefix token, forwards after
+    the prefill).
 
-    While the output equals ``guess`` so far, the rest of the guess is verified in one forward (exact: a guessed
-    token is kept only when it is the argmax) -- prompt-lookup decoding with R as the lookup text.
+    Each forward verifies a chunk guessed from ``guess`` (:func:`lookup_chunk`) along with the newest token; a
+    guessed token is kept only while it equals the argmax, so the output is exactly the greedy one.
     """
     device = input_device(model)
     cache = new_cache()
     logits, hidden = model_logits_and_hidden(model, torch.tensor([prefix], device=device), cache)
     prefix_hidden = hidden[0, -1]
     tokens = [int(logits[0, -1].argmax())]
-    stepped = 0
+    forwards = 0
     guess = list(guess)
     while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
-        budget = max_new_tokens - len(tokens)
-        on_guess = tokens == guess[: len(tokens)] and len(guess) > len(tokens)
-        chunk = guess[len(tokens) : len(tokens) + budget] if on_guess else []
+        chunk = lookup_chunk(tokens, guess, max_new_tokens - len(tokens))
         logits, _ = model_logits_and_hidden(model, torch.tensor([tokens[-1:] + chunk], device=device), cache)
+        forwards += 1
         predicted = logits[0].argmax(-1).tolist()  # (len(chunk) + 1,)
         agree = next((j for j, (c, p) in enumerate(zip(chunk, predicted)) if c != p), len(chunk))
-        stepped += not chunk
         for new in chunk[:agree] + [predicted[agree]]:
             if len(tokens) >= max_new_tokens:
                 break
@@ -101,7 +121,7 @@ def greedy_continue(
             if new in eos_token_ids:
                 break
         truncate_cache(cache, len(prefix) + len(tokens) - 1)  # everything but the newest token
-    return tokens, prefix_hidden, stepped
+    return tokens, prefix_hidden, forwards
 
 
 # ---------------------------------------------------------------- draft side
@@ -138,12 +158,20 @@ def mine_prompt(
     answer_of: Callable[[list[int]], str | None],
     max_mismatches: int = 16,
     deadline: float | None = None,
+    skip_unfinished: bool = False,
 ) -> MinedPrompt:
     """Label the draft/target mismatches of one prompt (module docstring). ``answer_of`` maps answer tokens to
-    the final answer (None when there is none); ``deadline`` is a ``time.monotonic()`` value."""
+    the final answer (None when there is none); ``deadline`` is a ``time.monotonic()`` value.
+
+    ``skip_unfinished``: give up on a prompt whose answer R is cut by ``max_new_tokens`` before an EOS: the last
+    number of a cut answer is a reasoning step, not a final answer, and would make every mismatch look important.
+    """
     # Step 1: R = the target's greedy answer; its final answer is the reference.
-    answer, _, stepped = greedy_continue(target, prompt, max_new_tokens, eos_token_ids)
-    result = MinedPrompt(answer_of(answer), list(answer), list(answer), target_tokens_decoded=stepped)
+    answer, _, forwards = greedy_continue(target, prompt, max_new_tokens, eos_token_ids)
+    result = MinedPrompt(answer_of(answer), list(answer), list(answer), target_forwards=forwards)
+    if skip_unfinished and (not answer or answer[-1] not in eos_token_ids):
+        result.stopped_by = "unfinished"
+        return result
     if result.reference_answer is None:
         result.stopped_by = "no_answer"
         return result
@@ -165,12 +193,12 @@ def mine_prompt(
         # Step 3: R' = R[:pos] + draft token + the target's greedy continuation (guessing R's own tail).
         budget = max_new_tokens - pos - 1
         if budget > 0 and draft_token not in eos_token_ids:
-            tail, target_hidden, stepped = greedy_continue(
+            tail, target_hidden, forwards = greedy_continue(
                 target, prompt + answer[:pos] + [draft_token], budget, eos_token_ids, guess=answer[pos + 1 :]
             )
         else:  # nothing may follow: still need the target's hidden state at the draft token
-            tail, target_hidden, stepped = [], _hidden_at_end(target, prompt + answer[:pos] + [draft_token]), 0
-        result.target_tokens_decoded += stepped
+            tail, target_hidden, forwards = [], _hidden_at_end(target, prompt + answer[:pos] + [draft_token]), 0
+        result.target_forwards += forwards
         candidate = answer[:pos] + [draft_token] + tail
         # Step 4: same final answer -> unimportant, and R follows the draft; else important.
         label = UNIMPORTANT if answer_of(candidate) == result.reference_answer else IMPORTANT

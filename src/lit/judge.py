@@ -41,7 +41,8 @@ class JudgeDataModule(PromptDataModule):
         mine_path: prompts to mine from (a task with a checkable final answer): ``synthetic:arithmetic`` (built-in
             word problems, train split) or a GSM8K-format JSONL.
         mine_prompts: how many of them to mine.
-        mine_max_new_tokens: length of the target's answers while mining.
+        mine_max_new_tokens: length of the target's answers while mining (a prompt whose answer does not end
+            within it is skipped: its last number is not a final answer).
         mine_max_mismatches: labels per prompt at most.
         mine_time_budget_s: wall-time budget of the whole mining (prompts left are skipped; rerun to go on).
         store_dir: the label store; mined once, reused by later fits (delete it to mine again).
@@ -54,9 +55,9 @@ class JudgeDataModule(PromptDataModule):
     def __init__(
         self,
         mine_path: str = "synthetic:arithmetic",
-        mine_prompts: int = 32,
-        mine_max_new_tokens: int = 96,
-        mine_max_mismatches: int = 8,
+        mine_prompts: int = 48,
+        mine_max_new_tokens: int = 128,
+        mine_max_mismatches: int = 4,
         mine_time_budget_s: float = 900.0,
         store_dir: str = "artifacts/autojudge/labels",
         answer_extractor: str = "gsm8k",
@@ -124,7 +125,7 @@ class JudgeDataModule(PromptDataModule):
             return extract_answer(tokenizer.decode(tokens, skip_special_tokens=True), self.answer_extractor)
 
         progress = _progress(len(prompts), "mining AutoJudge labels")
-        labels = important = 0
+        labels = important = skipped = 0
         for prompt in prompts:
             if time.monotonic() > deadline:
                 log.warning("mining budget (%.0f s) spent: %d prompts left; rerun fit to go on", self.mine_time_budget_s,
@@ -135,12 +136,13 @@ class JudgeDataModule(PromptDataModule):
             ids = encode_messages(tokenizer, messages, self.chat_template)[0].tolist()
             start = time.monotonic()
             mined = mine_prompt(pair.target.model, pair.draft.model, ids, self.mine_max_new_tokens, pair.eos_token_ids,
-                                answer_of, self.mine_max_mismatches, deadline)
+                                answer_of, self.mine_max_mismatches, deadline, skip_unfinished=True)
             self.store.add(prompt.prompt_id, mined, time.monotonic() - start)
             labels += len(mined.mismatches)
             important += sum(m.label for m in mined.mismatches)
             progress.update(1)
-            progress.set_postfix_str(f"{labels} labels, {important} important")
+            skipped += mined.stopped_by in ("unfinished", "no_answer")
+            progress.set_postfix_str(f"{labels} labels, {important} important, {skipped} skipped")
         progress.close()
         log.info("mined %d labels (%d important) from %d prompts (+%d earlier) into %s", labels, important,
                  progress.n, already, self.store.root)

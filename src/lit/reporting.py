@@ -17,7 +17,8 @@ from src.metrics import DecodingMetrics, summarize
 
 TABLE_COLUMNS = (
     "method", "prompt_id", "category", "turn", "status", "new_tokens", "tokens_per_s", "speedup",
-    "tokens_per_target_call", "acceptance_rate", "matches_baseline", "text",
+    "tokens_per_target_call", "acceptance_rate", "matches_baseline", "answer", "answer_correct", "judge_accepted",
+    "text",
 )
 
 

@@ -1,0 +1,223 @@
+"""src.report on hand-made results files: numbers equal a hand computation, plots are real PNGs, the HTML
+embeds them, errors and truncated lines are counted, compare mode tells a real difference from noise."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from src.report import main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SYSTEM = {"git_sha": "0123456789abcdef", "hostname": "testhost", "python": "3.11.7", "torch": "2.13.0",
+          "transformers": "5.0", "lightning": "2.6", "device": "cpu", "gpu_name": None, "cpu": "TestCPU",
+          "num_threads": 2, "timestamp": "2026-01-01T00:00:00+00:00"}
+
+
+def ok_record(method: str, prompt_id: str, **overrides) -> dict:
+    record = {
+        "run_id": "r1", "status": "ok", "error": None, "method": method, "dataset": "mt_bench",
+        "prompt_id": prompt_id, "category": "writing", "turn": 1, "new_tokens": 8, "wall_s": 0.8,
+        "tokens_per_s": 10.0, "target_calls": 8, "tokens_per_target_call": 1.0, "drafted_tokens": 0,
+        "accepted_tokens": 0, "acceptance_rate": None, "accepted_per_position": [], "speedup": 1.0,
+        "matches_baseline": True, "params": {}, "system": SYSTEM,
+    }
+    return record | overrides
+
+
+def error_record(method: str, prompt_id: str) -> dict:
+    return {"run_id": "r1", "status": "error", "method": method, "dataset": "mt_bench", "prompt_id": prompt_id,
+            "category": "writing", "turn": 1, "params": {}, "system": SYSTEM,
+            "error": {"type": "RuntimeError", "message": "CUDA out of memory\nmore", "traceback": "..."}}
+
+
+def write(path, records, tail: str = "") -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    return str(path)
+
+
+# speculative: (prompt, category, speedup, tokens/s, new_tokens, target_calls, accepted, drafted, =base, correct)
+SPECULATIVE = [
+    ("1", "writing", 1.0, 10.0, 10, 5, 6, 8, True, True),
+    ("2", "writing", 2.0, 20.0, 12, 4, 8, 8, False, None),
+    ("3", "math", 4.0, 40.0, 9, 3, 6, 9, True, False),
+    ("4", "math", 2.0, 21.0, 8, 4, 4, 8, True, True),
+]
+
+
+def spec_records() -> list[dict]:
+    return [ok_record("speculative", p, category=c, speedup=s, tokens_per_s=t, new_tokens=n, target_calls=calls,
+                      accepted_tokens=a, drafted_tokens=d, matches_baseline=m, answer_correct=correct,
+                      accepted_per_position=[1.0, 0.5], accepted_counts_per_position=[2, 1],
+                      drafted_counts_per_position=[2, 2])
+            for p, c, s, t, n, calls, a, d, m, correct in SPECULATIVE]
+
+
+def rich_records() -> list[dict]:
+    """Every method kind, so that every plot has data."""
+    records = [ok_record("baseline", p, category=c, answer_correct=p != "3") for p, c, *_ in SPECULATIVE]
+    records += spec_records()
+    records += [ok_record("specexec", p, category=c, tree_size_mean=size, accepted_tokens=acc, drafted_tokens=12,
+                          target_calls=3, new_tokens=acc + 3, speedup=1.5, tokens_per_s=15.0)
+                for (p, c, *_), size, acc in zip(SPECULATIVE, (8.0, 16.0, 12.0, 10.0), (5, 9, 7, 6))]
+    for threshold, correct in ((0.3, (True, True, False, True)), (0.6, (True, False, False, True))):
+        records += [ok_record(f"autojudge[threshold={threshold}]", p, category=c, params={"threshold": threshold},
+                              answer_correct=ok, speedup=1.2, tokens_per_s=12.0, new_tokens=8, target_calls=2)
+                    for (p, c, *_), ok in zip(SPECULATIVE, correct)]
+    return records + [error_record("speculative", "5")]
+
+
+def table_row(markdown: str, method: str, category: str) -> list[str]:
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if len(cells) > 2 and cells[0] == method and cells[1] == category:
+            return cells
+    raise AssertionError(f"no row {method} / {category}")
+
+
+def hand_bootstrap(speedups: list[float], seed: int, resamples: int) -> tuple[float, float]:
+    """The procedure of the module docstring, written out with loops."""
+    n = len(speedups)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, n, size=(resamples, n))
+    log_means = [sum(math.log(speedups[j]) for j in row) / n for row in rows]
+    low, high = np.percentile(log_means, [2.5, 97.5])
+    return math.exp(low), math.exp(high)
+
+
+@pytest.fixture(scope="module")
+def rich_report(tmp_path_factory):
+    base = tmp_path_factory.mktemp("rich")
+    path = write(base / "results.jsonl", rich_records())
+    assert main([path, "--out", str(base / "report"), "--seed", "7", "--bootstrap", "500"]) == 0
+    return base / "report"
+
+
+def test_summary_numbers_equal_a_hand_computation(rich_report):
+    md = (rich_report / "report.md").read_text()
+    row = table_row(md, "speculative", "all")
+    # header: method category prompts tok/s speedup tok/call accept =base accuracy errors
+    assert row[2] == "4"
+    assert row[3] == f"{(10 + 20 + 40 + 21) / 4:.2f}"
+    low, high = hand_bootstrap([1.0, 2.0, 4.0, 2.0], seed=7, resamples=500)
+    assert low < 2.0 < high
+    assert row[4] == f"{2.0:.3f} [{low:.3f}, {high:.3f}]"  # geomean of 1, 2, 4, 2 = 16 ** 0.25
+    assert row[5] == f"{(10 + 12 + 9 + 8) / (5 + 4 + 3 + 4):.3f}"
+    assert row[6] == f"{100 * (6 + 8 + 6 + 4) / (8 + 8 + 9 + 8):.1f}%"
+    assert row[7] == "75.0%"
+    assert row[8] == f"{100 * 2 / 3:.1f}%"  # the null answer_correct is not counted
+    assert row[9] == "1"
+
+    writing = table_row(md, "speculative", "writing")
+    low, high = hand_bootstrap([1.0, 2.0], seed=7, resamples=500)
+    assert writing[2] == "2" and writing[9] == "1"
+    assert writing[4] == f"{math.sqrt(2):.3f} [{low:.3f}, {high:.3f}]"
+    math_row = table_row(md, "speculative", "math")
+    assert math_row[4].startswith(f"{math.sqrt(8):.3f} [") and math_row[9] == "0"
+    assert table_row(md, "baseline", "all")[6] == "-"  # nothing drafted: not applicable
+
+
+def test_system_metadata_and_errors_listed(rich_report):
+    md = (rich_report / "report.md").read_text()
+    assert "| r1 | results.jsonl | testhost | cpu | TestCPU (2 threads) | 3.11.7 | 2.13.0 |" in md
+    assert "0123456789ab" in md
+    assert "## Errors (1)" in md
+    assert "speculative prompt 5 turn 1: RuntimeError: CUDA out of memory" in md
+
+
+def test_plots_are_valid_pngs_and_embedded_in_html(rich_report):
+    from matplotlib.image import imread
+
+    pngs = sorted(rich_report.glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(["speedup", "acceptance_per_position", "specexec_tree",
+                                             "tokens_per_call_vs_tokens_per_s", "autojudge_accuracy"])
+    md = (rich_report / "report.md").read_text()
+    page = (rich_report / "report.html").read_text()
+    for png in pngs:
+        data = png.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
+        image = imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"]({png.name})" in md
+    assert page.count("data:image/png;base64,") == len(pngs)
+    assert 'src="speedup.png"' not in page  # self-contained: no file reference
+    assert "<table>" in page and "<td>speculative</td>" in page
+
+
+def test_error_records_and_truncated_line_are_counted(tmp_path, capsys):
+    records = [ok_record("baseline", "1"), ok_record("baseline", "2"), error_record("baseline", "3"),
+               error_record("speculative", "1")]
+    path = write(tmp_path / "r.jsonl", records, tail='{"run_id": "r1", "sta')
+    out = tmp_path / "report"
+    assert main([path, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed and str(out / "report.html") in printed
+    md = (out / "report.md").read_text()
+    assert "4 records (2 ok, 2 error), 1 malformed line(s) - line 5: not valid JSON" in md
+    assert table_row(md, "baseline", "all")[9] == "1"
+    speculative = table_row(md, "speculative", "all")
+    assert speculative[2] == "0" and speculative[3] == "-" and speculative[9] == "1"
+    # no draft, no SpecExec, no AutoJudge: those plots are skipped with a note, not written empty
+    assert "SpecExec tree size vs accepted tokens per target call: skipped" in md
+    assert "AutoJudge accuracy vs tokens per target call: skipped" in md
+    assert not (out / "specexec_tree.png").exists() and not (out / "autojudge_accuracy.png").exists()
+
+
+def compare_records(tokens_per_s: dict[str, list[float]]) -> list[dict]:
+    return [ok_record(method, str(i), tokens_per_s=t) for method, values in tokens_per_s.items()
+            for i, t in enumerate(values)]
+
+
+def test_compare_marks_a_real_difference_and_noise(tmp_path):
+    a_speed = [10.0, 12.0, 9.0, 11.0, 10.5, 9.5]
+    b_spec = [t * f for t, f in zip(a_speed, (1.9, 2.1, 2.0, 1.95, 2.05, 2.0))]
+    b_base = [t * f for t, f in zip(a_speed, (1.02, 0.97, 1.01, 0.99, 1.03, 0.98))]
+    a = write(tmp_path / "a.jsonl", compare_records({"baseline": a_speed, "speculative": a_speed}))
+    b = write(tmp_path / "b.jsonl", compare_records({"baseline": b_base, "speculative": b_spec, "specexec": a_speed}))
+    out = tmp_path / "report"
+    assert main([a, b, "--compare", "--out", str(out), "--bootstrap", "500"]) == 0
+    md = (out / "report.md").read_text()
+    comparison = md.split("## Comparison: B / A")[1].split("\n## ")[0]
+    spec = table_row(comparison, "speculative", "paired n=6")
+    assert spec[4].startswith(f"{sum(b_spec) / sum(a_speed):.3f} [") and spec[5] == "B higher"
+    assert spec[8] == "1.000 [1.000, 1.000]" and spec[9] == "within noise"  # same tokens per call
+    base = table_row(comparison, "baseline", "paired n=6")
+    assert base[4].startswith(f"{sum(b_base) / sum(a_speed):.3f} [") and base[5] == "within noise"
+    assert "Only in B: specexec." in comparison
+    assert "## A: " in md and "## B: " in md
+    assert (out / "a_speedup.png").is_file() and (out / "b_speedup.png").is_file()
+
+
+def test_missing_file_is_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert main([str(missing), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and "make predict" in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_compare_needs_two_files(tmp_path, capsys):
+    path = write(tmp_path / "r.jsonl", [ok_record("baseline", "1")])
+    assert main([path, "--compare", "--out", str(tmp_path / "report")]) == 2
+    assert "exactly two" in capsys.readouterr().err
+
+
+def test_numbers_do_not_depend_on_other_rows():
+    """Each statistic draws from a fresh generator: adding a method leaves the others' intervals alone."""
+    from src.report import stats_by_method_category
+
+    alone = stats_by_method_category(spec_records(), seed=0, resamples=200)
+    mixed = stats_by_method_category(rich_records(), seed=0, resamples=200)
+    assert alone["speculative", "math"]["speedup_ci"] == mixed["speculative", "math"]["speedup_ci"]
+
+
+def test_compare_without_common_prompts_resamples_each_side(tmp_path):
+    a = write(tmp_path / "a.jsonl", [ok_record("speculative", str(i), tokens_per_s=10.0 + i) for i in range(5)])
+    b = write(tmp_path / "b.jsonl", [ok_record("speculative", f"b{i}", tokens_per_s=30.0 + i) for i in range(4)])
+    out = tmp_path / "report"
+    assert main([a, b, "--compare", "--out", str(out), "--bootstrap", "300"]) == 0
+    row = table_row((out / "report.md").read_text(), "speculative", "unpaired 5/4")
+    assert row[4].startswith(f"{31.5 / 12.0:.3f} [") and row[5] == "B higher"
