@@ -52,6 +52,15 @@ def check_headless() -> None:
         )
 
 
+def group_wandb_runs(trainer, experiment: str) -> None:
+    """Put this run's wandb run in group ``experiment`` with job_type ``compare`` (set before the run starts)."""
+    for logger in trainer.loggers:
+        init = getattr(logger, "_wandb_init", None) if type(logger).__name__ == "WandbLogger" else None
+        if init is not None and getattr(logger, "_experiment", None) is None:
+            init["group"] = init.get("group") or experiment
+            init["job_type"] = init.get("job_type") or "compare"
+
+
 def finish_wandb_runs(trainer) -> None:
     """Close the wandb runs now: an offline run writes its final summary when it finishes."""
     for logger in trainer.loggers:
@@ -70,6 +79,10 @@ class SpSampCLI(LightningCLI):
         parser.add_argument("--output", type=str, default="datasets/results.jsonl", help="predict: JSONL results file")
         parser.add_argument("--resume", type=bool, default=False, help="predict: continue an existing results file")
         parser.add_argument(
+            "--experiment", type=str | None, default=None,
+            help="predict: wandb group of the run (default: the first config's file name, e.g. 'all')",
+        )
+        parser.add_argument(
             "--require_headless", type=bool, default=False, help="refuse to run when a display is attached"
         )
 
@@ -84,9 +97,15 @@ class SpSampCLI(LightningCLI):
         self.results_writer = ResultsWriter(output, resume=config.resume)
         self.model.previous_records = self.results_writer.previous
         self.trainer.callbacks.append(self.results_writer)
-        self.reporter = MetricsReporter(config=self.config_dict())
+        experiment = config.experiment or self.config_stem()
+        group_wandb_runs(self.trainer, experiment)
+        self.reporter = MetricsReporter(config=self.config_dict(), experiment=experiment)
         self.trainer.callbacks.append(self.reporter)
         use_speedup_progress_bar(self.trainer)
+
+    def config_stem(self) -> str:
+        paths = self.config[self.subcommand].get("config") or []
+        return Path(str(paths[0])).stem if paths else "sp-samp"
 
     def config_dict(self) -> dict:
         """The resolved configuration of this run (JSON-safe), for the loggers."""

@@ -15,7 +15,7 @@ from conftest import ROOT, dataset_file
 
 from src.lit.progress import RunningSpeedup
 from src.tools.check_results import main as check_results
-from src.tools.wandb_offline import read_offline_run
+from src.tools.wandb_offline import read_offline_runs
 
 CONTRACT = (
     "run_id", "resume_key", "status", "error", "method", "dataset", "prompt_id", "category", "turn", "new_tokens",
@@ -69,8 +69,15 @@ def test_all_methods_write_contract_records_and_an_offline_wandb_summary(tmp_pat
         assert all(record[name] is not None for name in SPECEXEC_FIELDS)
     assert check_results([str(output), "--strict"]) == 0
 
-    run = read_offline_run(tmp_path / "wandb")
-    assert run.project == "sp-samp"
+    runs = read_offline_runs(tmp_path / "wandb")
+    run = next(r for r in runs if r.job_type == "compare")
+    assert run.project == "sp-samp" and run.group == "all"
+    assert {"plots/speedup", "plots/acceptance_per_position"} <= run.summary.keys()  # the report's plots as images
+    per_method = {r.job_type: r for r in runs if r.job_type != "compare"}
+    assert set(per_method) == {"baseline", "speculative", "specexec"}  # one run per method, same group
+    assert all(r.group == "all" for r in per_method.values())
+    assert per_method["speculative"].summary["tokens_per_target_call"] == run.summary["speculative/tokens_per_target_call"]
+    assert per_method["specexec"].config["budget"] == 16
     for method in ("baseline", "speculative", "specexec"):
         assert run.summary[f"{method}/records"] == 2
         assert run.summary[f"{method}/tokens_per_target_call"] > 0

@@ -7,6 +7,7 @@ also receives the per-prompt records as a ``wandb.Table``.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -23,8 +24,9 @@ TABLE_COLUMNS = (
 
 
 class MetricsReporter(L.Callback):
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, experiment: str = "sp-samp") -> None:
         self.config = config or {}
+        self.experiment = experiment  # the wandb group of this run's per-method runs
         self.metrics: dict[str, DecodingMetrics] = {}
         self.records: list[dict[str, Any]] = []
         self.summary: dict[str, dict[str, Any]] = {}
@@ -64,6 +66,9 @@ class MetricsReporter(L.Callback):
             logger.save()
 
     def _log_wandb_extras(self, logger) -> None:
+        """The run of a WandbLogger (job_type ``compare``) gets the records table, the per-method summary and the
+        report's plots; each method also gets its own run in the same group (job_type = the method), so the
+        standard wandb run table compares methods column by column."""
         try:
             from lightning.pytorch.loggers import WandbLogger
         except ImportError:  # pragma: no cover
@@ -72,12 +77,48 @@ class MetricsReporter(L.Callback):
             return
         import wandb
 
+        run = logger.experiment
         rows = [[_cell(r.get(c)) for c in TABLE_COLUMNS] for r in self.records]
-        logger.experiment.log({"records": wandb.Table(columns=list(TABLE_COLUMNS), data=rows)})
+        run.log({"records": wandb.Table(columns=list(TABLE_COLUMNS), data=rows)})
         for method, values in self.summary.items():
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    logger.experiment.summary[f"{method}/{name}"] = value
+            run.summary.update({f"{method}/{name}": value for name, value in _scalars(values).items()})
+        images = {f"plots/{name}": wandb.Image(png_image(png), caption=title) for name, title, png in report_plots(self.records)}
+        if images:
+            run.log(images)
+        self._log_method_runs(logger)
+
+    def _log_method_runs(self, logger) -> None:
+        import wandb
+
+        init = getattr(logger, "_wandb_init", {})  # the logger's own wandb.init arguments (project, dir, ...)
+        group = init.get("group") or self.experiment
+        for method, values in self.summary.items():
+            params = next((r.get("params") for r in self.records if r["method"] == method), {}) or {}
+            method_run = wandb.init(
+                project=init.get("project"), dir=init.get("dir"), group=group, job_type=method.split("[")[0],
+                name=f"{group}/{method}", config={"method": method, **params, "experiment": group},
+                reinit="create_new",
+            )
+            method_run.summary.update(_scalars(values))
+            method_run.finish()
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, float | int]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def report_plots(records: list[dict[str, Any]]) -> list[tuple[str, str, bytes]]:
+    """(name, title, PNG bytes) of the comparison report's plots over these records (those with data)."""
+    from src.report import plot_blocks, stats_by_method_category
+
+    stats = stats_by_method_category(records, seed=0, resamples=200)
+    return [(b[1].name.removesuffix(".png"), b[1].title, b[1].png) for b in plot_blocks(records, stats, 2, "") if b[0] == "img"]
+
+
+def png_image(png: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
 
 
 def _cell(value: Any) -> Any:

@@ -30,6 +30,9 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     project: str | None = None
     run_id: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    name: str | None = None
 
 
 def find_run_file(path: str | Path) -> Path:
@@ -41,6 +44,12 @@ def find_run_file(path: str | Path) -> Path:
     if not candidates:
         raise FileNotFoundError(f"no run-*.wandb file under {path}: pass a wandb run folder such as wandb/offline-run-*")
     return candidates[-1]
+
+
+def read_offline_runs(folder: str | Path) -> list[OfflineRun]:
+    """Every run under a ``wandb`` folder, oldest first (a predict writes one ``compare`` run and one per method)."""
+    files = sorted(Path(folder).glob("*run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    return [read_offline_run(f) for f in files]
 
 
 def iter_payloads(data: bytes) -> Iterator[bytes]:
@@ -101,7 +110,8 @@ def read_offline_run(path: str | Path) -> OfflineRun:
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run.project, run.run_id = record.run.project, record.run.run_id
+            run.project, run.run_id, run.name = record.run.project, record.run.run_id, record.run.display_name
+            run.group, run.job_type = record.run.run_group or None, record.run.job_type or None
             _merge(run.config, _items(record.run.config.update))
         elif kind == "config":
             _merge(run.config, _items(record.config.update))
@@ -119,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="a .wandb file, a run folder, or a folder of runs (newest is read)")
     args = parser.parse_args(argv)
     run = read_offline_run(args.run)
-    print(f"{run.path} (project {run.project}, run {run.run_id})")
+    print(f"{run.path} (project {run.project}, run {run.run_id}, group {run.group}, job_type {run.job_type})")
     for key, value in sorted(run.summary.items()):
         if not key.startswith("_"):
             print(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
