@@ -10,7 +10,7 @@ ARGS            ?=
 PY              := $(VENV)/bin/python
 SETUP_ENV       := VENV=$(VENV) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_INDEX_URL=$(TORCH_INDEX_URL)
 
-.PHONY: help setup predict report test test-all lint list-presets clean
+.PHONY: help setup predict autojudge report test test-all lint list-presets clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -20,6 +20,10 @@ setup:  ## create .venv, install pinned torch, the project, the embedded model a
 
 predict: setup  ## decode MT-Bench with the default config (CONFIG=..., ARGS="--data.limit 3")
 	$(PY) -m src predict --config $(CONFIG) $(ARGS)
+
+autojudge: setup  ## AutoJudge: mine labels + train the judge (fit), then decode held-out problems with it (predict)
+	$(PY) -m src fit --config configs/autojudge.yaml $(ARGS)
+	$(PY) -m src predict --config configs/autojudge.yaml $(ARGS)
 
 report: setup  ## summarise datasets/results.jsonl into reports/ (report.md, report.html, PNGs; ARGS="--seed 1")
 	$(PY) -m src.report datasets/results.jsonl --out reports $(ARGS)

@@ -26,7 +26,7 @@ class DecodingMetrics(Metric):
             "records", "errors", "new_tokens", "wall_s", "tokens_per_s_sum", "target_calls", "draft_calls",
             "drafted_tokens", "accepted_tokens", "compared", "matches", "log_speedup_sum", "speedup_count",
             "tree_size_sum", "tree_depth_sum", "prune_rate_sum", "parallelism_sum", "tree_records",
-            "answered", "correct", "judge_accepted", "exact_accepted_tokens",
+            "answered", "correct", "judge_accepted", "exact_accepted_tokens", "answers_compared", "answers_agreed",
         )
         for name in sums:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -52,6 +52,9 @@ class DecodingMetrics(Metric):
         if record.get("answer_correct") is not None:
             self.answered += 1
             self.correct += bool(record["answer_correct"])
+        if record.get("answer_matches_baseline") is not None:
+            self.answers_compared += 1
+            self.answers_agreed += bool(record["answer_matches_baseline"])
         if record.get("judge_accepted") is not None:
             self.judge_accepted += record["judge_accepted"]
             self.exact_accepted_tokens += record.get("exact_accepted_tokens") or 0
@@ -91,6 +94,7 @@ class DecodingMetrics(Metric):
             "accepted_per_position": positions,
             "matches_baseline_rate": ratio(self.matches, self.compared),
             "accuracy": ratio(self.correct, self.answered),
+            "answer_agreement": ratio(self.answers_agreed, self.answers_compared),  # final answer == baseline's
             "speedup_geomean": math.exp(float(self.log_speedup_sum) / float(self.speedup_count))
             if float(self.speedup_count)
             else None,
@@ -130,7 +134,7 @@ def format_summary_table(per_method: dict[str, dict[str, Any]]) -> str:
     name_width = max([28, *(len(name) for name in per_method)])
     with_accuracy = any(values.get("accuracy") is not None for values in per_method.values())
     header = f"{'method':<{name_width}} {'tok/s':>8} {'speedup':>8} {'geo':>6} {'tok/call':>8} {'accept':>7} {'=base':>6}"
-    header += f" {'acc':>6} {'errors':>6}" if with_accuracy else f" {'errors':>6}"
+    header += f" {'acc':>6} {'=ans':>6} {'errors':>6}" if with_accuracy else f" {'errors':>6}"
     lines = [header, "-" * len(header)]
     for name, values in per_method.items():
         match = values["matches_baseline_rate"]
@@ -138,7 +142,8 @@ def format_summary_table(per_method: dict[str, dict[str, Any]]) -> str:
             f"{name:<{name_width}} {cell(values['tokens_per_s'], '8.2f')} {cell(values['speedup'], '8.2f')} "
             f"{cell(values['speedup_geomean'], '6.2f')} {cell(values['tokens_per_target_call'], '8.2f')} "
             f"{cell(values['acceptance_rate'], '7.1%')} {cell(match, '6.0%')}"
-            + (f" {cell(values.get('accuracy'), '6.0%')}" if with_accuracy else "")
+            + (f" {cell(values.get('accuracy'), '6.0%')} {cell(values.get('answer_agreement'), '6.0%')}"
+               if with_accuracy else "")
             + f" {values['errors']:>6d}"
         )
     return "\n".join(lines)

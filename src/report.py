@@ -48,7 +48,7 @@ PLOT_NAMES = ("speedup", "acceptance_per_position", "specexec_tree", "tokens_per
               "autojudge_accuracy")
 MAX_LISTED = 20  # error records / malformed lines listed one by one; the rest is counted
 TABLE_HEADER = ["method", "category", "prompts", "tok/s", "speedup [95% CI]", "tok/call", "accept", "= base",
-                "accuracy", "errors"]
+                "accuracy", "= base answer", "errors"]
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -143,6 +143,7 @@ def group_stats(records: list[dict[str, Any]], seed: int, resamples: int) -> dic
         "acceptance_rate": _pooled(ok, "accepted_tokens", "drafted_tokens"),
         "matches_baseline": _share(ok, "matches_baseline"),
         "accuracy": _share(ok, "answer_correct"),
+        "answer_agreement": _share(ok, "answer_matches_baseline"),
         "errors": len(records) - len(ok),
     }
 
@@ -192,7 +193,7 @@ def summary_rows(stats: dict[tuple[str, str], dict[str, Any]]) -> list[list[str]
     return [
         [method, category, str(s["prompts"]), fmt(s["tokens_per_s"], ".2f"), fmt_ci(s["speedup"], s["speedup_ci"]),
          fmt(s["tokens_per_target_call"], ".3f"), fmt_pct(s["acceptance_rate"]), fmt_pct(s["matches_baseline"]),
-         fmt_pct(s["accuracy"]), str(s["errors"])]
+         fmt_pct(s["accuracy"]), fmt_pct(s["answer_agreement"]), str(s["errors"])]
         for (method, category), s in stats.items()
     ]
 
@@ -256,7 +257,8 @@ def summary_blocks(stats, level: int, seed: int, resamples: int) -> list[Block]:
               f"of per-prompt speedups against the baseline, 95% percentile bootstrap CI over prompts "
               f"({resamples} resamples, seed {seed}); tok/call: tokens per target call (pooled); accept: "
               f"accepted / drafted tokens (pooled); = base: share of outputs equal to the baseline's; "
-              f"accuracy: share of answer_correct; errors: error records; -: not applicable.")
+              f"accuracy: share of answer_correct; = base answer: share of final answers equal to the "
+              f"baseline's on the same prompt (answer_matches_baseline); errors: error records; -: not applicable.")
     return [("h", level, "Summary by method and category"), ("table", TABLE_HEADER, summary_rows(stats)),
             ("p", legend)]
 

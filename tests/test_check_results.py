@@ -75,3 +75,18 @@ def test_real_run_file_passes_strict(tmp_path):
               str(dataset_file("mt_bench.jsonl")), "--data.limit", "1", "--model.max_new_tokens", "4",
               "--output", str(output), "--trainer.enable_progress_bar", "false"])
     assert main([str(output), "--strict"]) == 0
+
+
+def test_strict_checks_autojudge_fields(tmp_path, capsys):
+    good = ok_record("autojudge[threshold=0.5]", "1", judge_accepted=1, exact_accepted_tokens=3, answer="7",
+                     answer_correct=True)
+    bad = ok_record("autojudge[threshold=0.5]", "2", judge_accepted=3, exact_accepted_tokens=3, answer="7",
+                    answer_correct="yes")
+    missing = ok_record("autojudge[threshold=0.5]", "3", judge_accepted=0)
+    path = write(tmp_path / "r.jsonl", [good, bad, missing])
+    assert main([path, "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert ":1:" not in out
+    assert "judge_accepted=3 + exact_accepted_tokens=3 exceeds accepted_tokens=4" in out
+    assert "answer_correct='yes'" in out
+    assert "missing autojudge[threshold=0.5] field 'answer_correct'" in out

@@ -129,3 +129,38 @@ def test_seeded_sampling_reruns_give_identical_texts(tmp_path):
         assert all(r["status"] == "ok" and r["matches_baseline"] is None for r in records)
         texts.append({(r["prompt_id"], r["method"]): r["text"] for r in records})
     assert texts[0] == texts[1] and len(texts[0]) == 4
+
+
+def test_autojudge_predict_on_the_embedded_pair_with_a_judge_file(tmp_path):
+    """configs/autojudge.yaml with a bf16 draft and a hand-made judge for that pair: every method writes valid
+    records with answers checked against the synthetic problems' gold answers; a judge for another pair is refused."""
+    import torch
+
+    from src.cli import cli_main
+    from src.models.judge import Judge, JudgeHead
+
+    target = {"name": "embedded:smollm2-135m-instruct", "dtype": "float32", "quantization": "none"}
+    draft = {**target, "dtype": "bfloat16"}
+    head = JudgeHead(2 * 576)
+    with torch.no_grad():
+        head.net.weight.zero_()
+        head.net.bias.fill_(-5.0)  # P(important) ~ 0.007, below every configured threshold: all mismatches pass
+    Judge(head, 0.5, "draft+target", target, draft).save(tmp_path / "judge")
+    output = tmp_path / "aj.jsonl"
+    args = ["predict", "--config", "configs/autojudge.yaml", "--data.limit", "1", "--model.max_new_tokens", "12",
+            "--model.draft.dtype", "bfloat16", "--model.draft.quantization", "none",
+            "--model.judge_path", str(tmp_path / "judge"), "--trainer.logger", "false", "--trainer.callbacks", "[]",
+            "--trainer.enable_progress_bar", "false", "--output", str(output)]
+    cli_main(args)
+    records = {r["method"]: r for r in read_records(output)}
+    assert set(records) == {"baseline", "speculative", "autojudge[threshold=None]", "autojudge[threshold=0.5]",
+                            "autojudge[threshold=0.8]"}
+    assert all(r["status"] == "ok" and "answer_correct" in r for r in records.values()), [r.get("error") for r in records.values()]
+    let_through = records["autojudge[threshold=0.5]"]
+    assert let_through["judge_accepted"] <= let_through["accepted_tokens"] - let_through["exact_accepted_tokens"]
+    assert let_through["accepted_tokens"] == let_through["drafted_tokens"]  # nothing is important to this judge
+    assert check_results([str(output), "--strict"]) == 0
+
+    Judge(head, 0.5, "draft+target", target, {**draft, "dtype": "float16"}).save(tmp_path / "other")
+    with pytest.raises(ValueError, match="trained for draft"):
+        cli_main(args[:-1] + [str(tmp_path / "other.jsonl"), "--model.judge_path", str(tmp_path / "other")])

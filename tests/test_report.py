@@ -99,7 +99,7 @@ def rich_report(tmp_path_factory):
 def test_summary_numbers_equal_a_hand_computation(rich_report):
     md = (rich_report / "report.md").read_text()
     row = table_row(md, "speculative", "all")
-    # header: method category prompts tok/s speedup tok/call accept =base accuracy errors
+    # header: method category prompts tok/s speedup tok/call accept =base accuracy "= base answer" errors
     assert row[2] == "4"
     assert row[3] == f"{(10 + 20 + 40 + 21) / 4:.2f}"
     low, high = hand_bootstrap([1.0, 2.0, 4.0, 2.0], seed=7, resamples=500)
@@ -109,14 +109,15 @@ def test_summary_numbers_equal_a_hand_computation(rich_report):
     assert row[6] == f"{100 * (6 + 8 + 6 + 4) / (8 + 8 + 9 + 8):.1f}%"
     assert row[7] == "75.0%"
     assert row[8] == f"{100 * 2 / 3:.1f}%"  # the null answer_correct is not counted
-    assert row[9] == "1"
+    assert row[9] == "-"  # no record carries answer_matches_baseline
+    assert row[10] == "1"
 
     writing = table_row(md, "speculative", "writing")
     low, high = hand_bootstrap([1.0, 2.0], seed=7, resamples=500)
-    assert writing[2] == "2" and writing[9] == "1"
+    assert writing[2] == "2" and writing[10] == "1"
     assert writing[4] == f"{math.sqrt(2):.3f} [{low:.3f}, {high:.3f}]"
     math_row = table_row(md, "speculative", "math")
-    assert math_row[4].startswith(f"{math.sqrt(8):.3f} [") and math_row[9] == "0"
+    assert math_row[4].startswith(f"{math.sqrt(8):.3f} [") and math_row[10] == "0"
     assert table_row(md, "baseline", "all")[6] == "-"  # nothing drafted: not applicable
 
 
@@ -157,9 +158,9 @@ def test_error_records_and_truncated_line_are_counted(tmp_path, capsys):
     assert str(out / "report.md") in printed and str(out / "report.html") in printed
     md = (out / "report.md").read_text()
     assert "4 records (2 ok, 2 error), 1 malformed line(s) - line 5: not valid JSON" in md
-    assert table_row(md, "baseline", "all")[9] == "1"
+    assert table_row(md, "baseline", "all")[10] == "1"
     speculative = table_row(md, "speculative", "all")
-    assert speculative[2] == "0" and speculative[3] == "-" and speculative[9] == "1"
+    assert speculative[2] == "0" and speculative[3] == "-" and speculative[10] == "1"
     # no draft, no SpecExec, no AutoJudge: those plots are skipped with a note, not written empty
     assert "SpecExec tree size vs accepted tokens per target call: skipped" in md
     assert "AutoJudge accuracy vs tokens per target call: skipped" in md

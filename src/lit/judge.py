@@ -101,7 +101,10 @@ class JudgeDataModule(PromptDataModule):
         }
 
     def prepare_data(self) -> None:
-        """Mine what the store lacks (all of it the first time); a finished store is only read."""
+        """Mine what the store lacks (all of it the first time); a finished store is only read. Only ``fit``
+        mines: ``predict`` with the same config decodes held-out prompts and needs no labels."""
+        if self.trainer is not None and self.trainer.state.fn != "fit":
+            return
         prompts = self.mining_prompts()
         done = self.store.finished_prompts()
         todo = [p for p in prompts if p.prompt_id not in done]

@@ -85,6 +85,9 @@ def compare_with_baseline(
             continue
         if baseline["tokens_per_s"] and record["tokens_per_s"]:
             record["speedup"] = record["tokens_per_s"] / baseline["tokens_per_s"]
+        if "answer" in record and "answer" in baseline:
+            # lossy methods: is the final answer still the target's? (meaningful even when both are wrong)
+            record["answer_matches_baseline"] = record["answer"] is not None and record["answer"] == baseline["answer"]
         if greedy:
             divergence = first_divergence(record["tokens"], baseline["tokens"])
             record["matches_baseline"] = divergence is None

@@ -53,7 +53,7 @@ SYSTEM_FIELDS = ("git_sha", "hostname", "python", "torch", "transformers", "ligh
 METHOD_FIELDS = {
     "specexec": ("tree_size_mean", "tree_depth_mean", "max_active_branches", "branch_prune_rate",
                  "effective_parallelism"),
-    "autojudge": ("judge_accepted",),
+    "autojudge": ("judge_accepted", "exact_accepted_tokens", "answer", "answer_correct"),
 }
 
 
@@ -126,6 +126,15 @@ def _check_consistency(record: dict[str, Any]) -> list[str]:
     for name in METHOD_FIELDS.get(record["method"].split("[")[0], ()):
         if name not in record:
             problems.append(f"missing {record['method']} field {name!r}")
+    if "judge_accepted" in record and "exact_accepted_tokens" in record:
+        # every accepted draft was either an exact match (before the cycle's first mismatch) or let through
+        if record["judge_accepted"] + record["exact_accepted_tokens"] > record["accepted_tokens"]:
+            problems.append(
+                f"judge_accepted={record['judge_accepted']} + exact_accepted_tokens={record['exact_accepted_tokens']}"
+                f" exceeds accepted_tokens={record['accepted_tokens']}"
+            )
+    if record.get("answer_correct") not in (None, True, False):
+        problems.append(f"answer_correct={record['answer_correct']!r} should be true, false or null")
     return problems
 
 
