@@ -2,52 +2,28 @@
 
     python benchmarks/bench_baseline_vs_hf.py --prompts 5 --new-tokens 64
 
-Prints load times of the embedded model and tokens/s of both decoders, and whether their tokens agree.
+A shortcut for ``bench_vs_hf.py`` with only its ``ours baseline`` and ``HF generate`` rows (no draft is
+loaded); any other ``bench_vs_hf.py`` option (``--device``, ``--threads``, ``--repeat``, ``--json``) passes
+through. See ``benchmarks/bench_vs_hf.py`` for the protocol and the columns.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
-import torch
-
-from src.data.prompts import encode_messages, read_prompt_file
-from src.decoding import Baseline, SamplingConfig
-from src.models import ModelSpec, load_model
+from bench_vs_hf import main as bench_vs_hf_main
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--data", default="datasets/mt_bench.jsonl")
-    args = parser.parse_args()
-
-    started = time.perf_counter()
-    loaded = load_model(ModelSpec(device="cpu"))
-    print(f"load (cached after the first conversion): {time.perf_counter() - started:.2f} s")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    eos = {tokenizer.eos_token_id}
-    totals = {"ours": [0, 0.0], "hf": [0, 0.0]}
-    agree = 0
-    prompts = read_prompt_file(args.data)[: args.prompts]
-    for prompt in prompts:
-        input_ids = encode_messages(tokenizer, [{"role": "user", "content": prompt.turns[0]}], True)
-        t0 = time.perf_counter()
-        ours = Baseline().generate(model, None, input_ids, args.new_tokens, SamplingConfig(), eos).tokens
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            hf = model.generate(input_ids, max_new_tokens=args.new_tokens, do_sample=False)[0, input_ids.shape[1]:].tolist()
-        t2 = time.perf_counter()
-        totals["ours"][0] += len(ours)
-        totals["ours"][1] += t1 - t0
-        totals["hf"][0] += len(hf)
-        totals["hf"][1] += t2 - t1
-        agree += ours == hf
-    for name, (tokens, seconds) in totals.items():
-        print(f"{name:>5}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.1f} tok/s")
-    print(f"identical outputs: {agree}/{len(prompts)}")
+    parser.add_argument("--data", default=None, help="MT-Bench JSONL (default: bench_vs_hf.py's search)")
+    args, passthrough = parser.parse_known_args()
+    argv = ["--prompts", str(args.prompts), "--max-new-tokens", str(args.new_tokens), "--ks", "--specexec"]
+    if args.data is not None:
+        argv += ["--data", args.data]
+    bench_vs_hf_main(argv + passthrough)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,659 @@
+"""Our decoding methods vs transformers' ``generate`` on the same pair and prompts, interleaved, in one table.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_vs_hf.py --prompts 10 --max-new-tokens 64
+    .venv/bin/python benchmarks/bench_vs_hf.py --prompts 1 --max-new-tokens 8 --ks 2 --specexec 8x4   # smoke
+    .venv/bin/python benchmarks/bench_vs_hf.py --device cuda --draft nf4 --repeat 3 --json out/vs_hf.json
+
+Pair: the embedded SmolLM2-135M-Instruct, float32 target; the draft is the same model in bfloat16
+(``--draft bf16``) or bitsandbytes NF4 (``--draft nf4``). All configurations decode greedily the same
+MT-Bench first turns (one per category first, then more: ``--prompts N``) with the same ``--max-new-tokens``:
+
+- ``ours baseline``    vs ``HF generate`` = ``target.generate(input_ids, do_sample=False, max_new_tokens=N)``;
+- ``ours speculative`` vs ``HF assisted``, for each k in ``--ks``: HF assisted generation with the same draft
+  and a constant schedule of k draft tokens. transformers 5.x ignores the ``num_assistant_tokens*`` /
+  ``assistant_confidence_threshold`` keywords of ``generate``, so they are set on ``draft.generation_config``
+  for the call (and restored afterwards);
+- ``ours specexec``, for each ``BUDGETxMAX_DEPTH`` in ``--specexec`` (other parameters: SpecExec's defaults
+  unless ``--max-beams`` / ``--max-branch-width`` / ``--prune-threshold`` set them).
+
+Protocol: one process; every configuration runs once untimed on the first prompt (warm-up); then each pass runs
+prompt i on every configuration (order rotated per prompt) before any configuration runs prompt i + 1.
+``--repeat R`` runs R passes and reports each figure as the mean over passes with the min-max spread.
+
+Columns:
+
+- tok/s: new tokens / wall seconds, summed over the prompts of a pass;
+- tok/call: new tokens per target forward; draft/call: draft forwards per target forward. Both count forwards
+  with hooks on the two models, for our methods and HF alike (a prefill is one forward);
+- ours/HF: tok/s of our row / tok/s of its HF counterpart in the same pass (baseline vs generate, speculative k
+  vs assisted k);
+- identical: every prompt's output equals the target's greedy output (the ``HF generate`` row, marked ``ref``)
+  up to and including the first EOS of the generation config; else ``no (d/P)`` with d prompts differing;
+- overhead: for our methods, 1 - (seconds inside target and draft forwards) / (prefill_s + decode_s);
+- peak RSS: the process's maximum resident set size (``ru_maxrss``) after the configuration's last run; it only
+  grows, so it mostly tells how much memory the whole benchmark needed. With ``--device cuda`` a column adds
+  the peak CUDA memory allocated during the configuration's runs.
+
+Above the table: the machine, and the mean latency of one target forward of 1, 32 and 64 tokens after the first
+prompt (to relate tok/s to the cost of a target call). ``--json PATH`` writes all of it, with per-pass figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.data.prompts import Prompt, encode_messages, read_prompt_file
+from src.decoding import Baseline, DecodingMethod, SamplingConfig, SpecExec, SpeculativeSampling
+from src.decoding.base import input_device, model_logits
+from src.decoding.kv import cache_length, new_cache, truncate_cache
+from src.errors import InvalidParameterError, MissingInputError, UserInputError
+from src.models import ModelSpec, load_pair
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASET_CANDIDATES = (
+    REPO_ROOT / "datasets" / "mt_bench.jsonl",
+    REPO_ROOT.parent / "shared" / "datasets" / "mt_bench.jsonl",
+)
+EMBEDDED = "embedded:smollm2-135m-instruct"
+LATENCY_SIZES = (1, 32, 64)
+LATENCY_REPEATS = 5
+REFERENCE = "HF generate"
+ASSISTANT_SCHEDULE = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def specexec_shape(text: str) -> tuple[int, int]:
+    """``"32x16"`` -> (budget 32, max_depth 16)."""
+    budget, separator, depth = text.lower().partition("x")
+    try:
+        shape = (int(budget), int(depth))
+    except ValueError:
+        shape = (0, 0)
+    if not separator or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not BUDGETxMAX_DEPTH with two positive integers (e.g. 32x16)"
+        )
+    return shape
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Our baseline / speculative / SpecExec vs HF generate / assisted generation, interleaved.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--prompts", type=positive_int, default=10, help="MT-Bench first turns to decode")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--ks", type=positive_int, nargs="*", default=[2, 4, 6, 8],
+                        help="draft lengths k of speculative sampling and HF assisted generation (none: skip)")
+    parser.add_argument("--specexec", type=specexec_shape, nargs="*", default=[(16, 8), (32, 16), (64, 16)],
+                        metavar="BUDGETxMAX_DEPTH", help="SpecExec configurations (none: skip)")
+    parser.add_argument("--max-beams", type=positive_int, default=None, help="SpecExec max_beams (its default)")
+    parser.add_argument("--max-branch-width", type=positive_int, default=None,
+                        help="SpecExec max_branch_width (its default)")
+    parser.add_argument("--prune-threshold", type=float, default=None,
+                        help="SpecExec prune_threshold (its default)")
+    parser.add_argument("--draft", choices=["bf16", "nf4"], default="bf16", help="draft: the target in bf16 or NF4")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--repeat", type=positive_int, default=1, help="interleaved passes over all prompts")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="MT-Bench JSONL (default: datasets/ or ../shared/datasets/mt_bench.jsonl)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows as JSON")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+@dataclass
+class Models:
+    target: Any
+    draft: Any | None
+    tokenizer: Any
+    info: dict[str, Any]
+
+    @property
+    def device(self) -> torch.device:
+        return input_device(self.target)
+
+
+def draft_spec(kind: str, device: str) -> ModelSpec:
+    if kind == "bf16":
+        return ModelSpec(name_or_path=EMBEDDED, dtype="bfloat16", device=device)
+    if kind == "nf4":
+        return ModelSpec(
+            name_or_path=EMBEDDED, dtype="float32", device=device, quantization="bnb-4bit",
+            bnb_4bit_quant_type="nf4", bnb_compute_dtype="float32",
+        )
+    raise InvalidParameterError(f"--draft {kind!r} is unknown: use bf16 or nf4")
+
+
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"--device cuda: torch {torch.__version__} sees no CUDA device (use --device cpu)")
+
+
+def load_models(args: argparse.Namespace) -> Models:
+    """The float32 target and, when some configuration needs it, the draft."""
+    needs_draft = bool(args.ks or args.specexec)
+    started = time.perf_counter()
+    pair = load_pair(
+        ModelSpec(name_or_path=EMBEDDED, dtype="float32", device=args.device),
+        draft_spec(args.draft, args.device) if needs_draft else None,
+    )
+    info = {**pair.describe(), "load_s": round(time.perf_counter() - started, 2)}
+    draft = pair.draft.model if pair.draft is not None else None
+    return Models(target=pair.target.model, draft=draft, tokenizer=pair.tokenizer, info=info)
+
+
+def eos_ids(models: Models) -> set[int]:
+    """The generation config's EOS ids (what HF ``generate`` stops on); the tokenizer's when it has none."""
+    config_eos = models.target.generation_config.eos_token_id
+    ids = {config_eos} if isinstance(config_eos, int) else set(config_eos or [])
+    if not ids and models.tokenizer.eos_token_id is not None:
+        ids = {models.tokenizer.eos_token_id}
+    return {int(i) for i in ids}
+
+
+def dataset_path(given: Path | None) -> Path:
+    if given is not None:
+        return given  # read_prompt_file names it if it is missing
+    for candidate in DATASET_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    raise MissingInputError(
+        f"no MT-Bench file at {' or '.join(map(str, DATASET_CANDIDATES))}: run `make setup` or pass --data FILE"
+    )
+
+
+def pick_prompts(prompts: list[Prompt], count: int, source: Path) -> list[Prompt]:
+    """The first prompt of each category (file order), then the second of each, ...; the first ``count``."""
+    by_category: dict[str, list[Prompt]] = {}
+    for prompt in prompts:
+        by_category.setdefault(prompt.category, []).append(prompt)
+    ranked = [
+        group[rank]
+        for rank in range(max(map(len, by_category.values()), default=0))
+        for group in by_category.values()
+        if rank < len(group)
+    ]
+    if count > len(ranked):
+        raise InvalidParameterError(f"--prompts {count}: {source} holds only {len(ranked)} prompts")
+    return ranked[:count]
+
+
+def encode_prompts(models: Models, data: Path | None, count: int) -> list[torch.Tensor]:
+    source = dataset_path(data)
+    prompts = pick_prompts(read_prompt_file(source), count, source)
+    return [
+        encode_messages(models.tokenizer, [{"role": "user", "content": p.turns[0]}], True).to(models.device)
+        for p in prompts
+    ]
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+class ForwardMeter:
+    """Forward hooks on the target and the draft: forwards of each, and seconds spent inside them.
+
+    On CUDA each forward is bracketed by a synchronize, so the seconds are the kernels' time, not launch time.
+    """
+
+    def __init__(self, models: Models) -> None:
+        self.modules = {"target": models.target, "draft": models.draft}
+        self.device = models.device
+        self._started: dict[str, float] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = {"target": 0, "draft": 0}
+        self.seconds = 0.0
+
+    def _now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def _hooks(self, role: str) -> tuple[Callable, Callable]:
+        def before(module, args) -> None:
+            self._started[role] = self._now()
+
+        def after(module, args, output) -> None:
+            self.seconds += self._now() - self._started.pop(role)
+            self.calls[role] += 1
+
+        return before, after
+
+    @contextmanager
+    def installed(self) -> Iterator[ForwardMeter]:
+        handles = []
+        try:
+            for role, module in self.modules.items():
+                if module is not None:
+                    before, after = self._hooks(role)
+                    handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def target_forward_latency(models: Models, context: torch.Tensor) -> dict[int, float]:
+    """Mean ms of one target forward of n tokens after ``context`` (cached), for n in LATENCY_SIZES."""
+    cache = new_cache()
+    model_logits(models.target, context, cache)
+    cached = cache_length(cache)
+    longest = max(LATENCY_SIZES)
+    filler = context.repeat(1, math.ceil(longest / context.shape[1]))[:, :longest]
+    latency = {}
+    for size in LATENCY_SIZES:
+        seconds = []
+        for attempt in range(LATENCY_REPEATS + 1):  # the first one warms up
+            truncate_cache(cache, cached)
+            synchronize(models.device)
+            started = time.perf_counter()
+            model_logits(models.target, filler[:, :size], cache)
+            synchronize(models.device)
+            if attempt:
+                seconds.append(time.perf_counter() - started)
+        latency[size] = 1000 * statistics.mean(seconds)
+    return latency
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+
+Runner = Callable[[torch.Tensor], tuple[list[int], float | None]]  # input_ids -> (new tokens, our method's s)
+
+
+@dataclass
+class Config:
+    method: str
+    params: str
+    run: Runner
+    ours: bool
+    uses_draft: bool
+    pair: str | None = None  # key of the HF row our tok/s is compared with
+
+    @property
+    def key(self) -> str:
+        return f"{self.method} {self.params}".strip()
+
+
+def ours_runner(method: DecodingMethod, models: Models, max_new_tokens: int, eos: set[int]) -> Runner:
+    def run(input_ids: torch.Tensor) -> tuple[list[int], float]:
+        generation = method.generate(models.target, models.draft, input_ids, max_new_tokens, SamplingConfig(), eos)
+        return generation.tokens, generation.stats.prefill_s + generation.stats.decode_s
+
+    return run
+
+
+@contextmanager
+def constant_assistant_schedule(draft, k: int) -> Iterator[None]:
+    """k draft tokens per round, no adaptive schedule, no confidence stop; the draft's settings come back after."""
+    config = draft.generation_config
+    saved = {name: getattr(config, name, None) for name in ASSISTANT_SCHEDULE}
+    config.num_assistant_tokens = k
+    config.num_assistant_tokens_schedule = "constant"
+    config.assistant_confidence_threshold = 0.0
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+def hf_runner(models: Models, max_new_tokens: int, k: int | None = None) -> Runner:
+    """HF ``generate``, greedy; with ``k``, assisted by the draft on a constant schedule of k tokens."""
+    pad = models.tokenizer.pad_token_id
+    if pad is None:
+        pad = models.tokenizer.eos_token_id
+
+    def generate(input_ids: torch.Tensor, **assist: Any) -> list[int]:
+        output = models.target.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=pad,
+            do_sample=False, max_new_tokens=max_new_tokens, **assist,
+        )
+        return output[0, input_ids.shape[1]:].tolist()
+
+    def run(input_ids: torch.Tensor) -> tuple[list[int], None]:
+        if k is None:
+            return generate(input_ids), None
+        with constant_assistant_schedule(models.draft, k):
+            return generate(input_ids, assistant_model=models.draft), None
+
+    return run
+
+
+def specexec_method(shape: tuple[int, int], args: argparse.Namespace) -> tuple[SpecExec, str]:
+    budget, depth = shape
+    options = {
+        "max_beams": args.max_beams,
+        "max_branch_width": args.max_branch_width,
+        "prune_threshold": args.prune_threshold,
+    }
+    options = {name: value for name, value in options.items() if value is not None}
+    label = " ".join([f"budget={budget} depth={depth}", *(f"{n}={v}" for n, v in options.items())])
+    return SpecExec(budget=budget, max_depth=depth, **options), label
+
+
+def build_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> list[Config]:
+    n = args.max_new_tokens
+    configs = [
+        Config("ours baseline", "", ours_runner(Baseline(), models, n, eos), True, False, pair=REFERENCE),
+        Config(REFERENCE, "", hf_runner(models, n), False, False),
+    ]
+    for k in args.ks:
+        hf = Config("HF assisted", f"k={k}", hf_runner(models, n, k), False, True)
+        ours = SpeculativeSampling(k)
+        configs += [Config("ours speculative", f"k={k}", ours_runner(ours, models, n, eos), True, True, hf.key), hf]
+    for shape in args.specexec:
+        method, label = specexec_method(shape, args)
+        configs.append(Config("ours specexec", label, ours_runner(method, models, n, eos), True, True))
+    return configs
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Record:
+    tokens: list[int]
+    wall_s: float
+    target_calls: int
+    draft_calls: int
+    forward_s: float
+    method_s: float | None
+    rss_mb: float
+    gpu_mb: float | None = None
+
+
+def timed_run(config: Config, input_ids: torch.Tensor, meter: ForwardMeter) -> Record:
+    device = meter.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    meter.reset()
+    synchronize(device)
+    started = time.perf_counter()
+    tokens, method_s = config.run(input_ids)
+    synchronize(device)
+    wall_s = time.perf_counter() - started
+    gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return Record(
+        tokens, wall_s, meter.calls["target"], meter.calls["draft"], meter.seconds, method_s, rss_mb(), gpu_mb
+    )
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def warm_up(configs: list[Config], input_ids: torch.Tensor, meter: ForwardMeter) -> None:
+    for config in configs:
+        timed_run(config, input_ids, meter)
+    free_memory(meter.device)
+
+
+def run_pass(configs: list[Config], inputs: list[torch.Tensor], meter: ForwardMeter, index: int) -> dict:
+    """Prompt i on every configuration (order rotated per prompt) before prompt i + 1: {key: [Record per prompt]}."""
+    records: dict[str, list[Record]] = {config.key: [] for config in configs}
+    for position, input_ids in enumerate(inputs):
+        shift = (index * len(inputs) + position) % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            records[config.key].append(timed_run(config, input_ids, meter))
+        free_memory(meter.device)
+        print(f"  pass {index + 1} prompt {position + 1}/{len(inputs)} done", file=sys.stderr, flush=True)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for position, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: position + 1]
+    return tokens
+
+
+def tokens_per_second(records: list[Record]) -> float:
+    return sum(len(r.tokens) for r in records) / sum(r.wall_s for r in records)
+
+
+def pass_figures(records: list[Record], config: Config) -> dict[str, float | None]:
+    tokens = sum(len(r.tokens) for r in records)
+    target_calls = sum(r.target_calls for r in records)
+    method_s = sum(r.method_s or 0.0 for r in records)
+    forward_s = sum(r.forward_s for r in records)
+    return {
+        "tok_s": tokens_per_second(records),
+        "tok_per_call": tokens / target_calls if target_calls else None,
+        "draft_per_call": sum(r.draft_calls for r in records) / target_calls if config.uses_draft else None,
+        "overhead": 1 - forward_s / method_s if config.ours and method_s else None,
+    }
+
+
+def spread(values: list[float | None]) -> dict[str, float] | None:
+    if not values or any(v is None for v in values):
+        return None
+    return {"mean": statistics.mean(values), "min": min(values), "max": max(values)}
+
+
+def differing_prompts(passes: list[dict], key: str, eos: set[int]) -> int:
+    """Prompts whose output differs from the reference (HF generate of the same pass) in any pass."""
+    count = len(passes[0][key])
+    return sum(
+        any(cut_at_eos(p[key][i].tokens, eos) != cut_at_eos(p[REFERENCE][i].tokens, eos) for p in passes)
+        for i in range(count)
+    )
+
+
+def build_row(config: Config, passes: list[dict], eos: set[int]) -> dict[str, Any]:
+    per_pass = [pass_figures(p[config.key], config) for p in passes]
+    if config.pair is not None:
+        for figures, pass_records in zip(per_pass, passes):
+            figures["ratio"] = figures["tok_s"] / tokens_per_second(pass_records[config.pair])
+    records = [r for p in passes for r in p[config.key]]
+    gpu_peaks = [r.gpu_mb for r in records if r.gpu_mb is not None]
+    differing = differing_prompts(passes, config.key, eos)
+    return {
+        "method": config.method,
+        "params": config.params,
+        **{name: spread([f.get(name) for f in per_pass]) for name in
+           ("tok_s", "tok_per_call", "draft_per_call", "ratio", "overhead")},
+        "identical": differing == 0,
+        "prompts_differing": differing,
+        "prompts": len(passes[0][config.key]),
+        "peak_rss_mb": records[-1].rss_mb,  # after the configuration's last run
+        "peak_gpu_mb": max(gpu_peaks) if gpu_peaks else None,
+        "passes": per_pass,
+    }
+
+
+def build_rows(configs: list[Config], passes: list[dict], eos: set[int]) -> list[dict[str, Any]]:
+    return [build_row(config, passes, eos) for config in configs]
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def show(value: dict[str, float] | None, digits: int, scale: float = 1.0, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    mean, low, high = (value[name] * scale for name in ("mean", "min", "max"))
+    text = f"{mean:.{digits}f}{suffix}"
+    if f"{low:.{digits}f}" != f"{high:.{digits}f}":
+        text += f" ({low:.{digits}f}-{high:.{digits}f})"
+    return text
+
+
+def table_cells(row: dict[str, Any]) -> list[str]:
+    if row["method"] == REFERENCE:
+        identical = "ref"
+    else:
+        identical = "yes" if row["identical"] else f"no ({row['prompts_differing']}/{row['prompts']})"
+    cells = [
+        row["method"],
+        row["params"] or "-",
+        show(row["tok_s"], 1),
+        show(row["tok_per_call"], 2),
+        show(row["draft_per_call"], 2),
+        show(row["ratio"], 2),
+        identical,
+        show(row["overhead"], 1, 100, "%"),
+        f"{row['peak_rss_mb']:.0f}",
+    ]
+    if row["peak_gpu_mb"] is not None:
+        cells.append(f"{row['peak_gpu_mb']:.0f}")
+    return cells
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ["method", "params", "tok/s", "tok/call", "draft/call", "ours/HF", "identical", "overhead",
+              "peak RSS MB"]
+    if rows and rows[0]["peak_gpu_mb"] is not None:
+        header.append("peak GPU MB")
+    lines = [header, *map(table_cells, rows)]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+
+    def render(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([render(header), "  ".join("-" * w for w in widths), *map(render, lines[1:])])
+
+
+def describe_model(info: dict[str, Any] | None) -> str:
+    if info is None:
+        return "none (no configuration needs one)"
+    quantization = "" if info["quantization"] == "none" else f" {info['quantization']}"
+    return f"{info['name']} ({info['dtype']}{quantization}, {info['device']})"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    machine, run = report["machine"], report["run"]
+    gpu = f", GPU {machine['gpu']}" if "gpu" in machine else ""
+    print(f"machine: {machine['cpu']} ({machine['cores']} cores), torch threads {machine['threads']}, "
+          f"torch {machine['torch']}, transformers {machine['transformers']}{gpu}")
+    models = report["models"]
+    print(f"pair: target {describe_model(models['target'])}; draft {describe_model(models['draft'])}; "
+          f"loaded in {models['load_s']:.1f} s")
+    print(f"run: {run['prompts']} MT-Bench first turns, max_new_tokens {run['max_new_tokens']}, greedy, "
+          f"{run['repeat']} interleaved pass(es) after one warm-up per configuration")
+    latency = ", ".join(f"{size} tok {ms:.1f} ms" for size, ms in report["target_forward_ms"].items())
+    print(f"target forward latency (mean of {LATENCY_REPEATS}, after the first prompt): {latency}")
+    print()
+    print(format_table(report["rows"]))
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = load_models(args)
+    eos = eos_ids(models)
+    inputs = encode_prompts(models, args.data, args.prompts)
+    with torch.inference_mode():
+        latency = target_forward_latency(models, inputs[0])
+        configs = build_configs(args, models, eos)
+        meter = ForwardMeter(models)
+        with meter.installed():
+            warm_up(configs, inputs[0], meter)
+            passes = [run_pass(configs, inputs, meter, index) for index in range(args.repeat)]
+    return {
+        "machine": machine_info(models.device),
+        "models": models.info,
+        "run": {
+            "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "repeat": args.repeat,
+            "draft": args.draft, "device": args.device, "eos_token_ids": sorted(eos),
+        },
+        "target_forward_ms": latency,
+        "rows": build_rows(configs, passes, eos),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        report = benchmark(args)
+    except UserInputError as error:
+        sys.exit(f"error: {error}")
+    print_report(report)
+    if args.json is not None:
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
