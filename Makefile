@@ -10,7 +10,7 @@ ARGS            ?=
 PY              := $(VENV)/bin/python
 SETUP_ENV       := VENV=$(VENV) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_INDEX_URL=$(TORCH_INDEX_URL)
 
-.PHONY: help setup predict autojudge report test test-all lint list-presets clean
+.PHONY: help setup predict autojudge report test test-all lint list-presets clean docker-build docker-build-gpu docker-predict
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,6 +40,17 @@ lint: setup  ## ruff over the code and tests
 list-presets:  ## list the shipped configs and model presets, one line each
 	@for f in configs/*.yaml configs/models/*.yaml; do \
 		printf "  %-44s %s\n" "$$f" "$$(grep -m1 '^#' $$f | sed 's/^# *//')"; done
+
+IMAGE           ?= sp-samp
+docker-build:  ## build the CPU image (runs scripts/setup.sh inside; embedded model converted at build time)
+	docker build -t $(IMAGE) .
+
+docker-build-gpu:  ## build the CUDA image (torch from TORCH_INDEX_URL, default cu124 wheels; bitsandbytes)
+	docker build -f Dockerfile.gpu -t $(IMAGE)-gpu $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL),) .
+
+docker-predict:  ## predict in the CPU image, ./datasets mounted (prompts in, results out; needs `make setup` first)
+	docker run --rm -v $(CURDIR)/datasets:/app/datasets $(IMAGE) \
+		predict --config $(CONFIG) --output datasets/results.jsonl $(ARGS)
 
 clean:  ## remove caches and build outputs (keeps .venv, datasets/ and results)
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info lightning_logs
