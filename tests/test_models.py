@@ -111,3 +111,31 @@ def test_pair_refuses_mismatched_draft_before_loading_weights(tiny_model_dir, tm
     with pytest.raises(TokenizerMismatchError, match="vocabulary size"):
         load_pair(ModelSpec(name_or_path=str(tiny_model_dir)), ModelSpec(name_or_path=str(other)))
     assert loaded == []  # no weights were loaded
+
+
+def test_a_device_map_model_stays_outside_lightnings_parameters(tmp_path):
+    """A spec with ``device_map`` loads through accelerate (the map is recorded) and the module holding the pair
+    registers none of its weights, so Lightning's device placement never moves or casts them."""
+    from conftest import build_tiny_llama
+    from transformers import AutoTokenizer
+
+    from src.lit.module import DecodingModule
+    from src.models.embedded import converted_dir
+    from src.models.loading import load_model
+    from src.models.pair import ModelPair
+    from src.models.spec import ModelSpec
+
+    tokenizer_dir = converted_dir("smollm2-135m-instruct")
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        pytest.skip("the embedded model is not converted yet (make setup)")
+    folder = tmp_path / "tiny"
+    build_tiny_llama(vocab_size=49152).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    loaded = load_model(ModelSpec(name_or_path=str(folder), device_map="auto"))
+    assert getattr(loaded.model, "hf_device_map", {"": "cpu"}) == {"": "cpu"} and "cpu" in loaded.info["device"]
+    module = DecodingModule(target=ModelSpec(name_or_path=str(folder), device_map="auto"))
+    module.pair = ModelPair(target=loaded)
+    held = {id(p) for p in module.parameters()}
+    assert not any(id(p) in held for p in loaded.model.parameters())
+    module.to(torch.float64)  # what a precision plugin or .to() would do to registered weights
+    assert next(loaded.model.parameters()).dtype == torch.float32

@@ -129,6 +129,13 @@ def _make_resident(model) -> None:
                 module._buffers[name] = buffer.clone()
 
 
+def _device_description(model, first_device) -> str:
+    """A model spread by a device map reports the map (module -> device); a model on one device, its name."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    devices = {str(d) for d in device_map.values()}
+    return str(device_map) if len(devices) > 1 else str(first_device)
+
+
 def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
     """Load weights + tokenizer as ``spec`` says; the model comes back in eval mode without gradients."""
     from transformers import AutoModelForCausalLM
@@ -173,7 +180,7 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
         "dtype": str(first.dtype).removeprefix("torch.")
         if spec.quantization == "none"
         else spec.bnb_compute_dtype,
-        "device": str(first.device) if spec.device_map is None else str(getattr(model, "hf_device_map", "")),
+        "device": _device_description(model, first.device),
         "quantization": spec.quantization
         + (f"-{spec.bnb_4bit_quant_type}" if spec.quantization == "bnb-4bit" else ""),
     }
