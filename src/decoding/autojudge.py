@@ -94,8 +94,8 @@ class AutoJudge(DecodingMethod):
 
         # Prefill: the first token is the target's argmax after the prompt.
         with StageTimer(device) as prefill:
-            p_logits, _ = model_logits_and_hidden(target, input_ids, target_cache)
-            model_logits_and_hidden(draft, input_ids.to(draft_device), draft_cache)
+            p_logits, _ = model_logits_and_hidden(target, input_ids, target_cache, logits_to_keep=1)
+            model_logits_and_hidden(draft, input_ids.to(draft_device), draft_cache, logits_to_keep=1)
             stats.target_calls += 1
             stats.draft_calls += 1
             sequence.append(int(p_logits[0, -1].argmax()))
@@ -138,7 +138,7 @@ class AutoJudge(DecodingMethod):
         hidden_rows: list[torch.Tensor] = []
         step_input = sequence[cache_length(cache) :]
         for i in range(k + 1 if k else 0):
-            logits, hidden = model_logits_and_hidden(draft, torch.tensor([step_input], device=device), cache)
+            logits, hidden = model_logits_and_hidden(draft, torch.tensor([step_input], device=device), cache, logits_to_keep=1)
             if i > 0:
                 hidden_rows.append(hidden[0, -1])
             if i == k:
@@ -151,8 +151,8 @@ class AutoJudge(DecodingMethod):
     def verify(self, target, cache, sequence: list[int], drafts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 2: one target forward over unseen tokens + drafts -> argmax t (k + 1,), hidden at d_i (k, Ht)."""
         step_input = torch.tensor([sequence[cache_length(cache) :] + drafts], device=device)
-        logits, hidden = model_logits_and_hidden(target, step_input, cache)
         k = len(drafts)
+        logits, hidden = model_logits_and_hidden(target, step_input, cache, logits_to_keep=k + 1)
         return logits[0, -(k + 1) :].argmax(-1), hidden[0, hidden.shape[1] - k :]
 
     def judge_cycle(

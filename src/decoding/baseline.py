@@ -34,7 +34,7 @@ class Baseline(DecodingMethod):
 
         # Step 1: prefill the prompt and draw the first token from p(. | prompt).
         with StageTimer(device) as prefill:
-            logits = model_logits(target, input_ids, cache)  # (1, prompt_len, vocab)
+            logits = model_logits(target, input_ids, cache, logits_to_keep=1)  # (1, 1, vocab)
             stats.target_calls += 1
             token = int(sample(logits_to_probs(logits[0, -1], sampling), generator))
         stats.prefill_s = prefill.elapsed

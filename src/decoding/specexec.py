@@ -147,8 +147,8 @@ class SpecExec(DecodingMethod):
         # Step 1: prefill prompt[:-1] into both caches; the last prompt token is the first iteration's root.
         with StageTimer(device) as prefill:
             if len(committed) > 1:
-                model_logits(target, input_ids[:, :-1], target_cache)
-                model_logits(draft, input_ids[:, :-1].to(draft_device), draft_cache)
+                model_logits(target, input_ids[:, :-1], target_cache, logits_to_keep=1)  # only the cache matters
+                model_logits(draft, input_ids[:, :-1].to(draft_device), draft_cache, logits_to_keep=1)
                 stats.target_calls += 1
                 stats.draft_calls += 1
         stats.prefill_s = prefill.elapsed
@@ -214,7 +214,7 @@ class SpecExec(DecodingMethod):
         # Step 1: expand the root: one causal forward over the committed tokens the draft has not cached yet
         # (the root, plus the last accepted node when the draft never ran on it); q(. | root) is the last row.
         chain = torch.tensor([committed[cache_length(cache) :]], device=device)  # (1, m)
-        logits = model_logits(draft, chain, cache)[0, -1:, :vocab]  # (1, V)
+        logits = model_logits(draft, chain, cache, logits_to_keep=1)[0, -1:, :vocab]  # (1, V)
         generated, _ = self._expand(tree, [0], logits, scoring)
         forwards = 1
 

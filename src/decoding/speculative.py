@@ -80,8 +80,8 @@ class SpeculativeSampling(DecodingMethod):
 
         # Step 1: prefill both models on the prompt; the first token comes from p(. | prompt).
         with StageTimer(device) as prefill:
-            p_logits = model_logits(target, input_ids, target_cache)[0, -1]  # (vocab_p,)
-            q_logits = model_logits(draft, input_ids.to(draft_device), draft_cache)[0, -1]  # (vocab_q,)
+            p_logits = model_logits(target, input_ids, target_cache, logits_to_keep=1)[0, -1]  # (vocab_p,)
+            q_logits = model_logits(draft, input_ids.to(draft_device), draft_cache, logits_to_keep=1)[0, -1]  # (vocab_q,)
             stats.target_calls += 1
             stats.draft_calls += 1
             # Models of one family may pad their lm_head differently (Qwen2.5 0.5B: 151936, 7B: 152064):
@@ -140,7 +140,7 @@ class SpeculativeSampling(DecodingMethod):
         q_rows: list[torch.Tensor] = []
         step_input = sequence[cache_length(cache) :]  # >= 1 token: at least the newest one
         for _ in range(k):
-            logits = model_logits(draft, torch.tensor([step_input], device=device), cache)[0, -1]
+            logits = model_logits(draft, torch.tensor([step_input], device=device), cache, logits_to_keep=1)[0, -1]
             q_i = logits_to_probs(logits[:vocab], sampling)  # (vocab,)
             drafts.append(draw(q_i, sampling, generator))
             q_rows.append(q_i)
@@ -162,7 +162,7 @@ class SpeculativeSampling(DecodingMethod):
         """One target forward over the unseen committed tokens + the k drafts; returns p (k + 1, vocab)."""
         unseen = torch.tensor([sequence[cache_length(cache) :]], device=device)  # (1, >= 1)
         step_input = torch.cat([unseen, drafts.to(device)[None]], dim=1)  # (1, unseen + k)
-        logits = model_logits(target, step_input, cache)[0, -(drafts.numel() + 1) :]  # (k + 1, vocab_p)
+        logits = model_logits(target, step_input, cache, logits_to_keep=drafts.numel() + 1)[0, -(drafts.numel() + 1) :]  # (k + 1, vocab_p)
         return logits_to_probs(logits[:, :vocab], sampling)
 
     def accept(
