@@ -15,7 +15,9 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
+from src.errors import InvalidParameterError
 from src.lit.progress import use_speedup_progress_bar
 from src.lit.reporting import MetricsReporter
 from src.lit.results import ResultsWriter, check_output_path
@@ -91,11 +93,24 @@ class SpSampCLI(LightningCLI):
         if config.require_headless:
             check_headless()
         # Fail fast on bad data or an unwritable output before any model weights load.
-        if hasattr(self.datamodule, "load_prompts"):
-            self.datamodule.load_prompts()
-        output = check_output_path(config.output, config.resume)
+        prompts = self.datamodule.load_prompts() if hasattr(self.datamodule, "load_prompts") else None
+        world_size = self.trainer.world_size
+        if isinstance(getattr(self.trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            raise InvalidParameterError(
+                "a spawning strategy (ddp_spawn, ddp_notebook, ...) is not supported by predict: "
+                "use --trainer.strategy ddp for data-parallel predict"
+            )
+        if prompts is not None and 0 < len(prompts) < world_size:
+            raise InvalidParameterError(
+                f"{len(prompts)} prompts cannot be shared by {world_size} processes (each needs one): "
+                f"use --trainer.devices {len(prompts)} or fewer, or more prompts"
+            )
+        # Under data parallelism every rank runs this; rank 0 alone checks (and creates) the output: a rank
+        # started after it would find the file it created. The writer agrees on the rest in its ``setup``.
+        output = Path(config.output)
+        if self.trainer.is_global_zero:
+            output = check_output_path(output, config.resume)
         self.results_writer = ResultsWriter(output, resume=config.resume)
-        self.model.previous_records = self.results_writer.previous
         self.trainer.callbacks.append(self.results_writer)
         experiment = config.experiment or self.config_stem()
         group_wandb_runs(self.trainer, experiment)
@@ -112,11 +127,14 @@ class SpSampCLI(LightningCLI):
         return json.loads(json.dumps(self.config[self.subcommand].as_dict(), default=str))
 
     def after_predict(self) -> None:
+        """Rank 0 prints the summary and the record counts (totals over every rank); every rank exits non-zero
+        when every record failed."""
         writer = self.results_writer
-        if self.reporter.summary and self.trainer.is_global_zero:
-            print("\n" + format_summary_table(self.reporter.summary))
-        skipped = f", {len(writer.previous)} already done" if writer.previous else ""
-        print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}")
+        if self.trainer.is_global_zero:
+            if self.reporter.summary:
+                print("\n" + format_summary_table(self.reporter.summary))
+            skipped = f", {len(writer.previous)} already done" if writer.previous else ""
+            print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}")
         finish_wandb_runs(self.trainer)
         if writer.written and not writer.ok:
             raise SystemExit(f"error: every record failed; see the 'error' fields in {writer.output}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from typing import Any
 
 import lightning as L
@@ -43,9 +44,15 @@ class MetricsReporter(L.Callback):
             self.records.append(record)
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        # A method with no new record (all resumed) has nothing to compute.
-        computed = {key: metric.compute() for key, metric in self.metrics.items() if metric.update_count}
-        self.summary = summarize(computed)
+        # ``compute()`` reduces the states over all processes, so every rank computes every metric, in the same
+        # order (a rank whose shard had no record of a method still takes part); a method with no new record on
+        # any rank (all resumed) is then left out.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*called before the.*update.*")
+            computed = {key: metric.compute() for key, metric in self.metrics.items()}
+        self.summary = summarize({key: values for key, values in computed.items() if values["records"]})
+        if trainer.world_size > 1 and trainer.loggers:  # the records table covers every rank's prompts
+            self.records = gather_records(self.records)
         self._report(trainer)
 
     @rank_zero_only
@@ -101,6 +108,17 @@ class MetricsReporter(L.Callback):
             )
             method_run.summary.update(_scalars(values))
             method_run.finish()
+
+
+def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of every rank (rank order), on every rank; ``records`` unchanged without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return records
+    gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, records)
+    return [record for part in gathered for record in part or []]
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float | int]:

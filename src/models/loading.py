@@ -147,6 +147,9 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
     if tokenizer is None:
         tokenizer = _load_tokenizer(source, gguf_file, spec)
     device = spec.device or default_device()
+    if device == "cuda" and torch.cuda.is_available():
+        # Under DDP Lightning has made each rank's own GPU current before ``setup`` loads the models: bind to it.
+        device = f"cuda:{torch.cuda.current_device()}"
     kwargs: dict[str, Any] = {
         "dtype": "auto" if spec.dtype == "auto" else TORCH_DTYPES[spec.dtype],
         "revision": spec.revision,

