@@ -237,11 +237,11 @@ def test_a_judge_that_lets_everything_through_keeps_every_draft(noisy_pair):
     always = autojudge_with(make_judge(threshold=1.0, bias=-20.0), k=4)  # P(important) ~ 0 < 1
     generation = always.generate(target, draft, torch.tensor([PROMPT]), 41, SamplingConfig(), set())
     stats = generation.stats
-    assert stats.accepted_per_step == [4] * 8  # 1 prefill token + 8 cycles of 4 drafts + 1 target token
+    assert stats.accepted_per_step == [4] * 8 + [0]  # 8 cycles of 4 drafts + 1 target token, then 1 token left
     assert stats.target_calls == 9 and generation.new_tokens == 41
     # accepted = exact prefix + mismatches let through + matches after a let-through mismatch
     assert 0 < stats.extra["judge_accepted"] <= stats.accepted_tokens - stats.extra["exact_accepted_tokens"]
-    assert stats.extra["accepted_per_cycle_mean"] == 4.0
+    assert stats.extra["accepted_per_cycle_mean"] == pytest.approx(32 / 9)
     assert generation.tokens != Baseline().generate(target, None, torch.tensor([PROMPT]), 41, SamplingConfig(), set()).tokens
 
 

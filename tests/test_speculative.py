@@ -61,12 +61,12 @@ def check_invariants(generation, max_new_tokens, eos_token_ids=frozenset()):
     stats = generation.stats
     steps = len(stats.accepted_per_step)
     assert 1 <= len(generation.tokens) <= max_new_tokens
-    assert stats.target_calls == 1 + steps
-    assert stats.draft_calls == 1 + stats.drafted_tokens
+    assert stats.target_calls == steps  # the first cycle also encodes the prompt: no separate prefill forward
+    assert stats.draft_calls == stats.drafted_tokens
     assert 0 <= stats.accepted_tokens <= stats.drafted_tokens
     assert all(a <= d for a, d in zip(stats.accepted_per_position, stats.drafted_per_position))
     if generation.stopped_by == "max_new_tokens":
-        assert len(generation.tokens) == max_new_tokens == 1 + stats.accepted_tokens + steps
+        assert len(generation.tokens) == max_new_tokens == stats.accepted_tokens + steps
     else:
         assert generation.tokens[-1] in eos_token_ids
     assert not any(token in eos_token_ids for token in generation.tokens[:-1])
@@ -208,28 +208,28 @@ def test_max_new_tokens_one(toy_pair):
     assert generation.stopped_by == "max_new_tokens"
 
 
-@pytest.mark.parametrize(("max_new_tokens", "target_calls", "drafted"), [(2, 2, 0), (3, 2, 1), (4, 2, 2)])
+@pytest.mark.parametrize(("max_new_tokens", "target_calls", "drafted"), [(2, 1, 1), (3, 1, 2), (6, 1, 5), (7, 2, 5)])
 def test_never_drafts_more_than_needed(toy_pair, max_new_tokens, target_calls, drafted):
     target, draft = toy_pair
     copy = target.copy()  # everything accepted: the call counts are deterministic
     generation = SpeculativeSampling(5).generate(target, copy, torch.tensor([[3]]), max_new_tokens, GREEDY, set())
     assert len(generation.tokens) == max_new_tokens
     assert generation.stats.target_calls == target_calls and generation.stats.drafted_tokens == drafted
-    assert target.calls == target_calls and copy.calls == 1 + drafted
+    assert target.calls == target_calls and copy.calls == drafted
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=1.0)], ids=["greedy", "t1"])
 @pytest.mark.parametrize("k", [1, 4])
 def test_identical_draft_accepts_everything(toy_pair, sampling, k):
     target, _ = toy_pair
-    max_new_tokens = 1 + 4 * (k + 1)  # prefill token, then 4 full steps of k drafts + 1 bonus
+    max_new_tokens = 4 * (k + 1)  # 4 full cycles of k drafts + 1 bonus (the first one also encodes the prompt)
     generation = SpeculativeSampling(k).generate(
         target, target.copy(), torch.tensor([[1, 2]]), max_new_tokens, sampling, set(), make_generator(0)
     )
     stats = generation.stats
     assert stats.accepted_tokens == stats.drafted_tokens == 4 * k
-    assert stats.accepted_per_step == [k] * 4 and stats.target_calls == 5
-    assert generation.tokens_per_target_call == pytest.approx(max_new_tokens / 5)  # -> k + 1 per decode step
+    assert stats.accepted_per_step == [k] * 4 and stats.target_calls == 4
+    assert generation.tokens_per_target_call == pytest.approx(k + 1)
     check_invariants(generation, max_new_tokens)
 
 
@@ -243,7 +243,7 @@ def test_eos_inside_accepted_block_stops_right_after_it(toy_pair, sampling):
     eos = free.tokens[position]
     stopped = SpeculativeSampling(4).generate(target, draft, input_ids, 12, sampling, {eos}, make_generator(3))
     assert stopped.tokens == free.tokens[: position + 1] and stopped.stopped_by == "eos"
-    assert stopped.stats.target_calls == 2  # prefill + one verification whose accepted chain held the EOS
+    assert stopped.stats.target_calls == 1  # the first verification's accepted chain held the EOS
     check_invariants(stopped, 12, {eos})
 
 
@@ -315,3 +315,57 @@ def test_bad_generate_arguments_are_named(toy_pair):
         method.generate(target, draft, torch.tensor([[1, 2]]), 0, GREEDY, set())
     with pytest.raises(ValueError, match="draft=None"):
         method.generate(target, None, torch.tensor([[1, 2]]), 5, GREEDY, set())
+
+
+# ---------------------------------------------------------------- adaptive drafting (HF-style schedule, early stop)
+
+ADAPTIVE = {"schedule": "heuristic", "max_k": 4, "confidence_threshold": 0.3}
+
+
+def test_adaptive_drafting_is_exact(toy_pair, goodness_of_fit):
+    """Chain lengths that follow the draft's confidence and the past acceptance keep the target law."""
+    target, draft = toy_pair
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9)
+    counts, exact = window_counts(SpeculativeSampling(2, **ADAPTIVE), target, draft, sampling, n_samples=20_000)
+    assert goodness_of_fit(counts, exact) > ALPHA
+
+
+@pytest.mark.parametrize("options", [ADAPTIVE, {"schedule": "heuristic"}, {"confidence_threshold": 0.6}])
+def test_adaptive_drafting_keeps_the_greedy_output(toy_pair, llama_pair, options):
+    for (target, draft), prompt in ((toy_pair, [3, 4]), (llama_pair, LLAMA_PROMPTS[0])):
+        input_ids = torch.tensor([prompt])
+        reference = Baseline().generate(target, None, input_ids, 30, GREEDY, set())
+        generation = SpeculativeSampling(2, **options).generate(target, draft, input_ids, 30, GREEDY, set())
+        assert generation.tokens == reference.tokens
+        check_invariants(generation, 30)
+
+
+def test_heuristic_schedule_grows_after_full_acceptance_up_to_max_k(toy_pair):
+    target, _ = toy_pair
+    method = SpeculativeSampling(2, schedule="heuristic", max_k=6)
+    generation = method.generate(target, target.copy(), torch.tensor([[1, 2]]), 3 + 5 + 7 + 7, GREEDY, set())
+    assert generation.stats.accepted_per_step == [2, 4, 6, 6]  # +2 per fully accepted chain, capped at max_k
+    assert [method.next_k(k, k, a) for k, a in ((4, 1), (1, 0), (5, 5))] == [3, 1, 6]
+
+
+def test_confidence_threshold_stops_chains_early(toy_pair):
+    target, draft = toy_pair
+    sure = SpeculativeSampling(4, confidence_threshold=0.999).generate(
+        target, draft, torch.tensor([[3, 4]]), 30, GREEDY, set())
+    assert sure.stats.drafted_per_position[1:] == [0] * (len(sure.stats.drafted_per_position) - 1)
+    # One draft per cycle (the toy draft is never that sure), none in a last cycle with one token left to emit.
+    assert sure.stats.target_calls - 1 <= sure.stats.drafted_tokens <= sure.stats.target_calls
+    plain = SpeculativeSampling(4).generate(target, draft, torch.tensor([[3, 4]]), 30, GREEDY, set())
+    assert plain.stats.drafted_tokens > plain.stats.target_calls and plain.tokens == sure.tokens
+
+
+def test_adaptive_parameters_are_checked_and_named():
+    assert SpeculativeSampling(3, **ADAPTIVE).params() == {
+        "k": 3, "schedule": "heuristic", "max_k": 4, "confidence_threshold": 0.3}
+    for kwargs, message in (
+        ({"schedule": "linear"}, "schedule='linear'"),
+        ({"k": 8, "max_k": 4}, "max_k=4"),
+        ({"confidence_threshold": 1.0}, "confidence_threshold=1.0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SpeculativeSampling(**kwargs)

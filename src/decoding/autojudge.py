@@ -92,33 +92,31 @@ class AutoJudge(DecodingMethod):
         sequence: list[int] = input_ids[0].tolist()
         prompt_len = len(sequence)
 
-        # Prefill: the first token is the target's argmax after the prompt.
-        with StageTimer(device) as prefill:
-            p_logits, _ = model_logits_and_hidden(target, input_ids, target_cache, logits_to_keep=1)
-            model_logits_and_hidden(draft, input_ids.to(draft_device), draft_cache, logits_to_keep=1)
+        def cycle() -> None:
+            """Steps 1-4 once (the first cycle also encodes the prompt in both models: no separate prefill)."""
+            k_step = min(self.k, max_new_tokens - (len(sequence) - prompt_len) - 1)
+            committed = len(sequence)
+            drafts, draft_hidden = self.draft_chain(draft, draft_cache, sequence, k_step, draft_device)
+            stats.draft_calls += k_step + (k_step > 0)
+            target_choice, target_hidden = self.verify(target, target_cache, sequence, drafts, device)
             stats.target_calls += 1
-            stats.draft_calls += 1
-            sequence.append(int(p_logits[0, -1].argmax()))
-        stats.prefill_s = prefill.elapsed
+            kept, token, judged, exact = self.judge_cycle(drafts, target_choice, draft_hidden, target_hidden)
+            stats.record_step(drafted=k_step, accepted=kept)
+            stats.extra["judge_accepted"] += judged
+            stats.extra["exact_accepted_tokens"] += exact
+            for new in [*drafts[:kept], token]:
+                sequence.append(new)
+                if new in eos_token_ids:
+                    break
+            truncate_cache(target_cache, committed + kept)
+            truncate_cache(draft_cache, committed + kept)
 
+        with StageTimer(device) as prefill:  # the first cycle: prompt + first chain
+            cycle()
+        stats.prefill_s = prefill.elapsed
         with StageTimer(device) as decode:
             while len(sequence) - prompt_len < max_new_tokens and sequence[-1] not in eos_token_ids:
-                k_step = min(self.k, max_new_tokens - (len(sequence) - prompt_len) - 1)
-                committed = len(sequence)
-                drafts, draft_hidden = self.draft_chain(draft, draft_cache, sequence, k_step, draft_device)
-                stats.draft_calls += k_step + (k_step > 0)
-                target_choice, target_hidden = self.verify(target, target_cache, sequence, drafts, device)
-                stats.target_calls += 1
-                kept, token, judged, exact = self.judge_cycle(drafts, target_choice, draft_hidden, target_hidden)
-                stats.record_step(drafted=k_step, accepted=kept)
-                stats.extra["judge_accepted"] += judged
-                stats.extra["exact_accepted_tokens"] += exact
-                for new in [*drafts[:kept], token]:
-                    sequence.append(new)
-                    if new in eos_token_ids:
-                        break
-                truncate_cache(target_cache, committed + kept)
-                truncate_cache(draft_cache, committed + kept)
+                cycle()
         stats.decode_s = decode.elapsed
 
         cycles = len(stats.accepted_per_step)

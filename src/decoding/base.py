@@ -25,6 +25,20 @@ def input_device(model) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def vocab_width(model) -> int:
+    """Number of token ids the model can read and score (config.vocab_size, else its output layer's width).
+
+    Models of one family may pad their lm_head differently (Qwen2.5 0.5B: 151936, 7B: 152064): draft methods
+    compare p and q on the shared ids [0, min(width_p, width_q)).
+    """
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if size is None and hasattr(model, "get_output_embeddings"):
+        size = model.get_output_embeddings().weight.shape[0]
+    if size is None:
+        raise TypeError(f"cannot tell the vocabulary size of {type(model).__name__}: give it config.vocab_size")
+    return int(size)
+
+
 @functools.cache
 def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters

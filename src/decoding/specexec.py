@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits
+from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
 from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
 from src.decoding.stats import Generation, GenerationStats, StageTimer
@@ -32,18 +32,6 @@ from src.errors import InvalidParameterError
 
 # Tree scoring under greedy decoding: the raw draft softmax (see SpecExec.generate).
 _GREEDY_SCORING = SamplingConfig(temperature=1.0)
-
-
-def vocab_width(model) -> int:
-    """Number of token ids the model can read and score (config.vocab_size, else its output layer's width)."""
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if size is None and hasattr(model, "get_output_embeddings"):
-        size = model.get_output_embeddings().weight.shape[0]
-    if size is None:
-        raise TypeError(
-            f"cannot tell the vocabulary size of {type(model).__name__}: give it config.vocab_size"
-        )
-    return int(size)
 
 
 class SpecExec(DecodingMethod):
@@ -144,49 +132,45 @@ class SpecExec(DecodingMethod):
         stats = GenerationStats()
         log: dict[str, list[int]] = {key: [] for key in _PER_ITERATION}
 
-        # Step 1: prefill prompt[:-1] into both caches; the last prompt token is the first iteration's root.
-        with StageTimer(device) as prefill:
-            if len(committed) > 1:
-                model_logits(target, input_ids[:, :-1], target_cache, logits_to_keep=1)  # only the cache matters
-                model_logits(draft, input_ids[:, :-1].to(draft_device), draft_cache, logits_to_keep=1)
-                stats.target_calls += 1
-                stats.draft_calls += 1
-        stats.prefill_s = prefill.elapsed
+        def iteration() -> None:
+            """Steps a-d once (the first one also encodes the prompt in both models: no separate prefill forward)."""
+            # A tree path of depth d yields at most d + 1 tokens: cap d by what may still be emitted.
+            depth_cap = min(self.max_depth, max_new_tokens - len(tokens) - 1)
+            tree.reset(committed[-1], depth_cap, stop_tokens)
+            slots, draft_forwards, generated = self._grow_tree(
+                draft, draft_cache, tree, committed, scoring, vocab, draft_device
+            )
+            nodes = tree.node_ids()  # n drafted nodes, in creation order
+            logits = self._verify_tree(target, target_cache, tree, nodes, committed, vocab, device)  # (1 + n, V)
+            emitted, accepted = self._walk_tree(tree, nodes, logits, sampling, generator, eos_token_ids)
+            self._compact_caches(target_cache, draft_cache, nodes, slots, accepted, len(committed))
+            committed.extend(emitted)
+            tokens.extend(emitted)
 
+            stats.target_calls += 1
+            stats.draft_calls += draft_forwards
+            tree_depth = tree.depth(nodes)
+            stats.record_step(drafted=tree_depth, accepted=len(accepted))
+            for key, value in (
+                ("tree_size", len(nodes)),
+                ("tree_depth", tree_depth),
+                ("draft_forwards", draft_forwards),
+                ("accepted_length", len(accepted)),
+                ("leaves", tree.leaves(nodes)),
+                ("candidates_generated", generated),
+                ("candidates_kept", len(nodes)),
+            ):
+                log[key].append(value)
+
+        # Step 1: the first iteration is the prefill: the draft reads the prompt as it grows the first tree, the
+        # target as it verifies it (one forward each, like any iteration).
+        with StageTimer(device) as prefill:
+            iteration()
+        stats.prefill_s = prefill.elapsed
         # Step 2: grow, verify, walk, compact until EOS or max_new_tokens.
         with StageTimer(device) as decode:
-            while True:
-                # A tree path of depth d yields at most d + 1 tokens: cap d by what may still be emitted.
-                depth_cap = min(self.max_depth, max_new_tokens - len(tokens) - 1)
-                tree.reset(committed[-1], depth_cap, stop_tokens)
-                slots, draft_forwards, generated = self._grow_tree(
-                    draft, draft_cache, tree, committed, scoring, vocab, draft_device
-                )
-                nodes = tree.node_ids()  # n drafted nodes, in creation order
-                logits = self._verify_tree(
-                    target, target_cache, tree, nodes, committed, vocab, device
-                )  # (1 + n, V)
-                emitted, accepted = self._walk_tree(tree, nodes, logits, sampling, generator, eos_token_ids)
-                self._compact_caches(target_cache, draft_cache, nodes, slots, accepted, len(committed))
-                committed.extend(emitted)
-                tokens.extend(emitted)
-
-                stats.target_calls += 1
-                stats.draft_calls += draft_forwards
-                tree_depth = tree.depth(nodes)
-                stats.record_step(drafted=tree_depth, accepted=len(accepted))
-                for key, value in (
-                    ("tree_size", len(nodes)),
-                    ("tree_depth", tree_depth),
-                    ("draft_forwards", draft_forwards),
-                    ("accepted_length", len(accepted)),
-                    ("leaves", tree.leaves(nodes)),
-                    ("candidates_generated", generated),
-                    ("candidates_kept", len(nodes)),
-                ):
-                    log[key].append(value)
-                if tokens[-1] in eos_token_ids or len(tokens) >= max_new_tokens:
-                    break
+            while tokens[-1] not in eos_token_ids and len(tokens) < max_new_tokens:
+                iteration()
         stats.decode_s = decode.elapsed
         stats.extra.update(log)
         stats.extra.update(_summarize(log))
@@ -271,13 +255,15 @@ class SpecExec(DecodingMethod):
         chain = committed[cached:]  # m tokens, normally just the root
         root_position = len(committed) - 1
         input_ids = torch.tensor([chain + [tree.tokens[node] for node in nodes]], device=device)  # (1, m + n)
+        keep = len(nodes) + 1  # the rows of the root and the nodes (the chain's earlier rows are not needed)
         if not nodes:
-            logits = model_logits(target, input_ids, cache)
+            logits = model_logits(target, input_ids, cache, logits_to_keep=keep)
         else:
             positions = list(range(cached, root_position + 1)) + tree_position_ids(tree, nodes, root_position)
             mask = verify_mask(tree, nodes, len(chain), cached).to(device)  # (1, 1, m + n, cached + m + n)
-            logits = model_logits(target, input_ids, cache, torch.tensor([positions], device=device), mask)
-        return logits[0, len(chain) - 1 :, :vocab]
+            positions_t = torch.tensor([positions], device=device)
+            logits = model_logits(target, input_ids, cache, positions_t, mask, logits_to_keep=keep)
+        return logits[0, -keep:, :vocab]
 
     # ----------------------------------------------------------------------------------- stage c: walk
     @staticmethod

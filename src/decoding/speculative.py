@@ -1,8 +1,8 @@
 """Speculative sampling (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding";
 Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling").
 
-Each step the draft proposes a chain of ``k`` tokens x_1..x_k ~ q, the target scores all k + 1 positions in
-one forward, and the chain is accepted left to right:
+Each cycle the draft proposes a chain of up to ``k`` tokens x_1..x_k ~ q, the target scores all k + 1
+positions in one forward, and the chain is accepted left to right:
 
     accept x_i with probability min(1, p_i(x_i) / q_i(x_i))
     at the first rejection i:  emit x ~ normalize(max(0, p_i - q_i))   (the residual distribution)
@@ -12,20 +12,39 @@ which makes every emitted token distributed exactly as under plain sampling from
 (temperature 0) p and q are one-hot, so this is "accept while draft token == target argmax, then emit the
 target argmax", done without random draws.
 
+How many tokens a cycle drafts may depend on anything the draft computed, never on p, and the rule above stays
+exact. Two such rules, as in HF assisted generation:
+
+- ``schedule="heuristic"``: k grows by 2 after a cycle that accepted every draft and shrinks by 1 otherwise
+  (between 1 and ``max_k``), following the measured acceptance;
+- ``confidence_threshold``: drafting stops early once the draft's probability of its own token falls below it
+  (the token is still proposed). Under greedy decoding q is one-hot, so the confidence is read from the raw
+  draft softmax (temperature 1).
+
+The prompt is not prefilled on its own: the first cycle feeds it to both models, the draft proposes the first
+chain right after it and the target's first forward both encodes the prompt and verifies that chain (as HF
+assisted generation does), which saves one target forward per generation.
+
 Cache bookkeeping: ``sequence`` holds prompt + emitted tokens. Each model's cache holds a prefix of it; the
-tokens after that prefix (at least the newest token, plus the last draft token when a whole chain was
-accepted) are fed at the start of the next forward. After a verification both caches are cut back to the
-committed tokens with :func:`src.decoding.kv.truncate_cache`.
+tokens after that prefix (the whole prompt at first, then the newest token, plus the last draft token when a
+whole chain was accepted) are fed at the start of the next forward. After a verification both caches are cut
+back to the committed tokens with :func:`src.decoding.kv.truncate_cache`.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits
+from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
 from src.decoding.stats import Generation, GenerationStats, StageTimer
+from src.errors import InvalidParameterError
+
+# Draft confidence under greedy decoding: the raw draft softmax (q itself is one-hot there).
+_GREEDY_CONFIDENCE = SamplingConfig(temperature=1.0)
 
 
 def draw(probs: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
@@ -34,28 +53,63 @@ def draw(probs: torch.Tensor, sampling: SamplingConfig, generator: torch.Generat
 
 
 class SpeculativeSampling(DecodingMethod):
-    """Draft a chain of ``k`` tokens, verify it with one target forward, keep the accepted prefix + one token.
+    """Draft a chain of up to ``k`` tokens, verify it with one target forward, keep the accepted prefix + one token.
 
     Args:
-        k: draft tokens proposed per target forward (fewer near ``max_new_tokens``, never more than needed).
+        k: draft tokens proposed per target forward (the starting value under the heuristic schedule; never more
+            than ``max_new_tokens`` still allows).
+        schedule: ``"constant"`` keeps ``k``; ``"heuristic"`` adds 2 after a fully accepted chain and removes 1
+            otherwise, within [1, max_k] (HF's ``num_assistant_tokens_schedule="heuristic"``).
+        max_k: the largest chain the heuristic schedule may reach.
+        confidence_threshold: stop a chain once the draft's probability of its token is below this (0 never
+            stops early; HF's ``assistant_confidence_threshold``).
 
-    Statistics: ``record_step(drafted, accepted)`` once per target verification after the prefill, with
-    ``drafted`` = the chain length of that step (0 for a plain target step at the very end) and ``accepted`` =
-    how many of them the rule accepted (also counted when an EOS among them ends the output early).
-    Without EOS: ``len(tokens) == 1 + accepted_tokens + len(accepted_per_step)`` and
-    ``target_calls == 1 + len(accepted_per_step)``.
+    Statistics: ``record_step(drafted, accepted)`` once per target verification, with ``drafted`` = the chain
+    length of that cycle (0 for a plain target step) and ``accepted`` = how many of them the rule accepted (also
+    counted when an EOS among them ends the output early). Without EOS:
+    ``len(tokens) == accepted_tokens + len(accepted_per_step)``, ``target_calls == len(accepted_per_step)`` and
+    ``draft_calls == drafted_tokens`` (the prompt goes into the first draft and target forwards).
     """
 
     name = "speculative"
     needs_draft = True
 
-    def __init__(self, k: int = 4) -> None:
-        if k < 1:
-            raise ValueError(f"k={k} is invalid: use k >= 1 draft tokens per target call")
+    def __init__(
+        self,
+        k: int = 4,
+        schedule: Literal["constant", "heuristic"] = "constant",
+        max_k: int = 16,
+        confidence_threshold: float = 0.0,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidParameterError(f"k={k!r} is invalid: use k >= 1 draft tokens per target call")
+        if schedule not in ("constant", "heuristic"):
+            raise InvalidParameterError(f"schedule={schedule!r} is unknown: use 'constant' or 'heuristic'")
+        if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < k:
+            raise InvalidParameterError(f"max_k={max_k!r} is invalid: use an integer >= k ({k})")
+        if not 0.0 <= confidence_threshold < 1.0:
+            raise InvalidParameterError(
+                f"confidence_threshold={confidence_threshold!r} is outside [0, 1): use 0 to disable it or e.g. 0.4"
+            )
         self.k = k
+        self.schedule = schedule
+        self.max_k = max_k
+        self.confidence_threshold = float(confidence_threshold)
 
-    def params(self) -> dict[str, int]:
-        return {"k": self.k}
+    def params(self) -> dict[str, int | float | str]:
+        params: dict[str, int | float | str] = {"k": self.k}
+        # Only what differs from plain constant-k speculative sampling: earlier results keep their resume keys.
+        if self.schedule != "constant":
+            params.update(schedule=self.schedule, max_k=self.max_k)
+        if self.confidence_threshold:
+            params["confidence_threshold"] = self.confidence_threshold
+        return params
+
+    def next_k(self, k: int, drafted: int, accepted: int) -> int:
+        """The chain length of the next cycle: HF's heuristic (+2 after a full acceptance, else -1)."""
+        if self.schedule == "constant":
+            return self.k
+        return min(self.max_k, k + 2) if drafted and accepted == drafted else max(1, k - 1)
 
     @torch.inference_mode()
     def generate(
@@ -70,49 +124,46 @@ class SpeculativeSampling(DecodingMethod):
     ) -> Generation:
         check_generate_args(input_ids, max_new_tokens)
         if draft is None:
-            raise ValueError("draft=None: speculative sampling needs a draft model (set one in the model pair)")
+            raise InvalidParameterError("draft=None: speculative sampling needs a draft model (set one in the model pair)")
         stats = GenerationStats()
-        device = input_ids.device  # the target's input device (as in Baseline)
-        draft_device = input_device(draft)
-        target_cache, draft_cache = new_cache(), new_cache()
+        caches = (new_cache(), new_cache())  # target, draft
         sequence: list[int] = input_ids[0].tolist()  # prompt + emitted tokens
         prompt_len = len(sequence)
+        devices = (input_ids.device, input_device(draft))  # the target's input device (as in Baseline), the draft's
+        vocab = min(vocab_width(target), vocab_width(draft))  # p and q live on the shared ids [0, vocab)
 
-        # Step 1: prefill both models on the prompt; the first token comes from p(. | prompt).
-        with StageTimer(device) as prefill:
-            p_logits = model_logits(target, input_ids, target_cache, logits_to_keep=1)[0, -1]  # (vocab_p,)
-            q_logits = model_logits(draft, input_ids.to(draft_device), draft_cache, logits_to_keep=1)[0, -1]  # (vocab_q,)
+        def cycle(k: int) -> int:
+            """Steps 1-4 once; returns the next cycle's k."""
+            # Step 1: draft up to k tokens (a cycle emits at most k + 1: never draft what could not be emitted).
+            k_step = min(k, max_new_tokens - (len(sequence) - prompt_len) - 1)
+            committed = len(sequence)
+            drafts, q = self.draft_chain(draft, caches[1], sequence, k_step, vocab, sampling, generator, devices[1])
+            stats.draft_calls += len(drafts)
+            # Step 2: one target forward scores every drafted position (and encodes what it has not seen).
+            p = self.verify(target, caches[0], sequence, drafts, vocab, sampling, devices[0])
             stats.target_calls += 1
-            stats.draft_calls += 1
-            # Models of one family may pad their lm_head differently (Qwen2.5 0.5B: 151936, 7B: 152064):
-            # p and q live on the shared ids [0, vocab).
-            vocab = min(p_logits.shape[-1], q_logits.shape[-1])
-            sequence.append(draw(logits_to_probs(p_logits[:vocab], sampling), sampling, generator))
+            accepted, token = self.accept(drafts, p, q, sampling, generator)
+            stats.record_step(drafted=len(drafts), accepted=accepted)
+            # Step 3: emit accepted drafts + the residual / bonus token, stopping right after an EOS.
+            for new in [*drafts[:accepted].tolist(), token]:
+                sequence.append(new)
+                if new in eos_token_ids:
+                    break
+            # Step 4: caches keep committed + accepted drafts; the newest token is fed next cycle.
+            truncate_cache(caches[0], committed + accepted)
+            truncate_cache(caches[1], committed + accepted)
+            return self.next_k(k, len(drafts), accepted)
+
+        def finished() -> bool:
+            return len(sequence) - prompt_len >= max_new_tokens or sequence[-1] in eos_token_ids
+
+        # The first cycle is the prefill: both models encode the prompt, and the first chain is verified with it.
+        with StageTimer(devices[0]) as prefill:
+            k = cycle(self.k)
         stats.prefill_s = prefill.elapsed
-
-        # Step 2: draft / verify / accept until EOS or max_new_tokens.
-        with StageTimer(device) as decode:
-            while len(sequence) - prompt_len < max_new_tokens and sequence[-1] not in eos_token_ids:
-                # A step emits at most k_step + 1 tokens: never draft what could not be emitted.
-                k_step = min(self.k, max_new_tokens - (len(sequence) - prompt_len) - 1)
-                committed = len(sequence)
-                drafts, q = self.draft_chain(
-                    draft, draft_cache, sequence, k_step, vocab, sampling, generator, draft_device
-                )
-                stats.draft_calls += k_step
-                p = self.verify(target, target_cache, sequence, drafts, vocab, sampling, device)
-                stats.target_calls += 1
-                accepted, token = self.accept(drafts, p, q, sampling, generator)
-                stats.record_step(drafted=k_step, accepted=accepted)
-
-                # Step 3: emit accepted drafts + the residual / bonus token, stopping right after an EOS.
-                for new in [*drafts[:accepted].tolist(), token]:
-                    sequence.append(new)
-                    if new in eos_token_ids:
-                        break
-                # Step 4: caches keep committed + accepted drafts; the newest token is fed next step.
-                truncate_cache(target_cache, committed + accepted)
-                truncate_cache(draft_cache, committed + accepted)
+        with StageTimer(devices[0]) as decode:
+            while not finished():
+                k = cycle(k)
         stats.decode_s = decode.elapsed
 
         tokens = sequence[prompt_len:]
@@ -132,7 +183,8 @@ class SpeculativeSampling(DecodingMethod):
         generator: torch.Generator | None,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k draft forwards: x_i ~ q_i; returns drafts (k,) long and q (k, vocab).
+        """Up to k draft forwards: x_i ~ q_i; returns drafts (n,) long and q (n, vocab), n <= k (fewer when the
+        draft's confidence in x_i falls below ``confidence_threshold``).
 
         The first forward also feeds every committed token the draft cache has not seen yet.
         """
@@ -145,9 +197,20 @@ class SpeculativeSampling(DecodingMethod):
             drafts.append(draw(q_i, sampling, generator))
             q_rows.append(q_i)
             step_input = drafts[-1:]
+            if self.confidence_threshold and self._confidence(logits[:vocab], q_i, drafts[-1], sampling) < (
+                self.confidence_threshold
+            ):
+                break
         if not drafts:
             return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, vocab, device=device)
         return torch.tensor(drafts, device=device), torch.stack(q_rows)
+
+    @staticmethod
+    def _confidence(logits: torch.Tensor, q_i: torch.Tensor, token: int, sampling: SamplingConfig) -> float:
+        """The draft's probability of its own token: q_i(x_i), or the raw softmax's under greedy decoding."""
+        if sampling.greedy:
+            return float(logits_to_probs(logits, _GREEDY_CONFIDENCE)[token])
+        return float(q_i[token])
 
     def verify(
         self,
