@@ -15,6 +15,10 @@ MT-Bench first turns (one per category first, then more: ``--prompts N``) with t
   and a constant schedule of k draft tokens. transformers 5.x ignores the ``num_assistant_tokens*`` /
   ``assistant_confidence_threshold`` keywords of ``generate``, so they are set on ``draft.generation_config``
   for the call (and restored afterwards);
+- ``--assist K:THRESHOLD[:heuristic]``: adaptive drafting, ours vs HF with the same settings: chains of at most
+  K tokens that stop once the draft's probability of its token is below THRESHOLD, and with ``heuristic`` HF's
+  schedule (+2 after a fully accepted chain, else -1; reset per generation). HF's own defaults are ``20:0.4``
+  (note: HF also retunes the threshold during a generation when scikit-learn is installed; ours stays fixed);
 - ``ours specexec``, for each ``BUDGETxMAX_DEPTH`` in ``--specexec`` (other parameters: SpecExec's defaults
   unless ``--max-beams`` / ``--max-branch-width`` / ``--prune-threshold`` set them).
 
@@ -106,6 +110,21 @@ def specexec_shape(text: str) -> tuple[int, int]:
     return shape
 
 
+def assist_setting(text: str) -> tuple[int, float, str]:
+    """``"20:0.4"`` -> (k 20, threshold 0.4, constant schedule); ``"4:0:heuristic"`` -> heuristic schedule."""
+    parts = text.split(":")
+    try:
+        k, threshold = int(parts[0]), float(parts[1])
+        schedule = parts[2] if len(parts) > 2 else "constant"
+    except (ValueError, IndexError):
+        k, threshold, schedule = 0, 0.0, ""
+    if len(parts) > 3 or k < 1 or not 0 <= threshold < 1 or schedule not in ("constant", "heuristic"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not K:THRESHOLD[:heuristic] with K >= 1 and THRESHOLD in [0, 1) (e.g. 20:0.4)"
+        )
+    return k, threshold, schedule
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Our baseline / speculative / SpecExec vs HF generate / assisted generation, interleaved.",
@@ -115,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--ks", type=positive_int, nargs="*", default=[2, 4, 6, 8],
                         help="draft lengths k of speculative sampling and HF assisted generation (none: skip)")
+    parser.add_argument("--assist", type=assist_setting, nargs="*", default=[], metavar="K:THRESHOLD[:heuristic]",
+                        help="adaptive drafting rows: ours speculative with k, confidence_threshold (and the heuristic"
+                        " schedule) vs HF assisted with the same settings, e.g. 20:0.4 (HF's defaults) 4:0:heuristic")
     parser.add_argument("--specexec", type=specexec_shape, nargs="*", default=[(16, 8), (32, 16), (64, 16)],
                         metavar="BUDGETxMAX_DEPTH", help="SpecExec configurations (none: skip)")
     parser.add_argument("--max-beams", type=positive_int, default=None, help="SpecExec max_beams (its default)")
@@ -166,7 +188,7 @@ def check_device(device: str) -> None:
 
 def load_models(args: argparse.Namespace) -> Models:
     """The float32 target and, when some configuration needs it, the draft."""
-    needs_draft = bool(args.ks or args.specexec)
+    needs_draft = bool(args.ks or args.assist or args.specexec)
     started = time.perf_counter()
     pair = load_pair(
         ModelSpec(name_or_path=EMBEDDED, dtype="float32", device=args.device),
@@ -351,13 +373,14 @@ def ours_runner(method: DecodingMethod, models: Models, max_new_tokens: int, eos
 
 
 @contextmanager
-def constant_assistant_schedule(draft, k: int) -> Iterator[None]:
-    """k draft tokens per round, no adaptive schedule, no confidence stop; the draft's settings come back after."""
+def assistant_schedule(draft, k: int, threshold: float = 0.0, schedule: str = "constant") -> Iterator[None]:
+    """k draft tokens per round (a constant schedule, or HF's heuristic reset at each call), a confidence stop at
+    ``threshold`` (0: none); the draft's settings come back after."""
     config = draft.generation_config
     saved = {name: getattr(config, name, None) for name in ASSISTANT_SCHEDULE}
     config.num_assistant_tokens = k
-    config.num_assistant_tokens_schedule = "constant"
-    config.assistant_confidence_threshold = 0.0
+    config.num_assistant_tokens_schedule = "heuristic_transient" if schedule == "heuristic" else "constant"
+    config.assistant_confidence_threshold = threshold
     try:
         yield
     finally:
@@ -365,8 +388,10 @@ def constant_assistant_schedule(draft, k: int) -> Iterator[None]:
             setattr(config, name, value)
 
 
-def hf_runner(models: Models, max_new_tokens: int, k: int | None = None) -> Runner:
-    """HF ``generate``, greedy; with ``k``, assisted by the draft on a constant schedule of k tokens."""
+def hf_runner(
+    models: Models, max_new_tokens: int, k: int | None = None, threshold: float = 0.0, schedule: str = "constant"
+) -> Runner:
+    """HF ``generate``, greedy; with ``k``, assisted by the draft (k tokens per round, see assistant_schedule)."""
     pad = models.tokenizer.pad_token_id
     if pad is None:
         pad = models.tokenizer.eos_token_id
@@ -381,7 +406,7 @@ def hf_runner(models: Models, max_new_tokens: int, k: int | None = None) -> Runn
     def run(input_ids: torch.Tensor) -> tuple[list[int], None]:
         if k is None:
             return generate(input_ids), None
-        with constant_assistant_schedule(models.draft, k):
+        with assistant_schedule(models.draft, k, threshold, schedule):
             return generate(input_ids, assistant_model=models.draft), None
 
     return run
@@ -409,6 +434,12 @@ def build_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> li
         hf = Config("HF assisted", f"k={k}", hf_runner(models, n, k), False, True)
         ours = SpeculativeSampling(k)
         configs += [Config("ours speculative", f"k={k}", ours_runner(ours, models, n, eos), True, True, hf.key), hf]
+    for k, threshold, schedule in args.assist:
+        label = f"k={k} threshold={threshold}" + (" heuristic" if schedule == "heuristic" else "")
+        hf = Config("HF assisted", label, hf_runner(models, n, k, threshold, schedule), False, True)
+        # HF's heuristic schedule has no ceiling: ours gets one no generation can reach.
+        ours = SpeculativeSampling(k, schedule=schedule, max_k=max(k, n), confidence_threshold=threshold)
+        configs += [Config("ours speculative", label, ours_runner(ours, models, n, eos), True, True, hf.key), hf]
     for shape in args.specexec:
         method, label = specexec_method(shape, args)
         configs.append(Config("ours specexec", label, ours_runner(method, models, n, eos), True, True))

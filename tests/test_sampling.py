@@ -64,3 +64,25 @@ def test_sample_is_reproducible_with_seed():
 def test_bad_parameters_name_the_value(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace(".", r"\.")):
         SamplingConfig(**kwargs)
+
+
+def test_sample_follows_each_row_law_and_never_draws_a_zero(goodness_of_fit):
+    """Inverse-CDF sampling: rows drawn together each follow their own law; zero-probability tokens never come."""
+    from collections import Counter
+
+    from src.decoding.sampling import next_token
+
+    probs = torch.zeros(2, 1000)
+    probs[0, [0, 3, 999]] = torch.tensor([0.2, 0.5, 0.3])
+    probs[1, 500:505] = torch.tensor([0.05, 0.05, 0.3, 0.3, 0.3])
+    generator = make_generator(0)
+    draws = torch.stack([sample(probs, generator) for _ in range(20_000)])  # (20000, 2)
+    assert draws.shape == (20_000, 2) and draws.dtype == torch.long
+    for row in range(2):
+        counts = Counter((int(token),) for token in draws[:, row])
+        assert all(probs[row, token] > 0 for (token,) in counts)
+        exact = {(token,): float(probs[row, token]) for token in probs[row].nonzero().flatten().tolist()}
+        assert goodness_of_fit(counts, exact) > 1e-3
+    logits = torch.tensor([0.0, 3.0, 1.0])
+    state = generator.get_state()
+    assert next_token(logits, SamplingConfig(), generator) == 1 and torch.equal(generator.get_state(), state)

@@ -6,7 +6,7 @@ import torch
 
 from src.decoding.base import DecodingMethod, check_generate_args, model_logits
 from src.decoding.kv import new_cache
-from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
+from src.decoding.sampling import SamplingConfig, next_token
 from src.decoding.stats import Generation, GenerationStats, StageTimer
 
 
@@ -36,7 +36,7 @@ class Baseline(DecodingMethod):
         with StageTimer(device) as prefill:
             logits = model_logits(target, input_ids, cache, logits_to_keep=1)  # (1, 1, vocab)
             stats.target_calls += 1
-            token = int(sample(logits_to_probs(logits[0, -1], sampling), generator))
+            token = next_token(logits[0, -1], sampling, generator)
         stats.prefill_s = prefill.elapsed
         tokens.append(token)
 
@@ -46,7 +46,7 @@ class Baseline(DecodingMethod):
                 step_input = torch.tensor([[token]], device=device)
                 logits = model_logits(target, step_input, cache)  # (1, 1, vocab)
                 stats.target_calls += 1
-                token = int(sample(logits_to_probs(logits[0, -1], sampling), generator))
+                token = next_token(logits[0, -1], sampling, generator)
                 tokens.append(token)
         stats.decode_s = decode.elapsed
         stopped_by = "eos" if tokens[-1] in eos_token_ids else "max_new_tokens"

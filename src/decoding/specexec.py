@@ -25,7 +25,7 @@ import torch
 
 from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
 from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
-from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
+from src.decoding.sampling import SamplingConfig, logits_to_probs, next_token
 from src.decoding.stats import Generation, GenerationStats, StageTimer
 from src.decoding.tree import DraftTree, growth_mask, tree_position_ids, verify_mask
 from src.errors import InvalidParameterError
@@ -286,8 +286,7 @@ class SpecExec(DecodingMethod):
         while True:
             # Step 1: t ~ p(. | path to node), the exact target conditional (its argmax when greedy: p is
             # one-hot). Rows are warped one at a time: a big tree times a big vocabulary would not fit at once.
-            probs = logits_to_probs(logits[row], sampling)  # (V,)
-            token = int(probs.argmax()) if sampling.greedy else int(sample(probs, generator))
+            token = next_token(logits[row], sampling, generator)
             emitted.append(token)
             # Step 2: descend when t was drafted under this node; otherwise t ends the iteration.
             child = child_of.get((node, token))

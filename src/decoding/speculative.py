@@ -39,17 +39,12 @@ import torch
 
 from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
 from src.decoding.kv import cache_length, new_cache, truncate_cache
-from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
+from src.decoding.sampling import SamplingConfig, draw, logits_to_probs, residual_distribution, sample
 from src.decoding.stats import Generation, GenerationStats, StageTimer
 from src.errors import InvalidParameterError
 
 # Draft confidence under greedy decoding: the raw draft softmax (q itself is one-hot there).
 _GREEDY_CONFIDENCE = SamplingConfig(temperature=1.0)
-
-
-def draw(probs: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
-    """One token from ``probs`` (vocab,): the argmax when greedy (no random draw), else a sample."""
-    return int(probs.argmax()) if sampling.greedy else int(sample(probs, generator))
 
 
 class SpeculativeSampling(DecodingMethod):
@@ -184,7 +179,8 @@ class SpeculativeSampling(DecodingMethod):
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to k draft forwards: x_i ~ q_i; returns drafts (n,) long and q (n, vocab), n <= k (fewer when the
-        draft's confidence in x_i falls below ``confidence_threshold``).
+        draft's confidence in x_i falls below ``confidence_threshold``). Under greedy decoding q is one-hot and the
+        acceptance rule needs only the tokens: q comes back empty, (0, vocab).
 
         The first forward also feeds every committed token the draft cache has not seen yet.
         """
@@ -193,20 +189,23 @@ class SpeculativeSampling(DecodingMethod):
         step_input = sequence[cache_length(cache) :]  # >= 1 token: at least the newest one
         for _ in range(k):
             logits = model_logits(draft, torch.tensor([step_input], device=device), cache, logits_to_keep=1)[0, -1]
-            q_i = logits_to_probs(logits[:vocab], sampling)  # (vocab,)
-            drafts.append(draw(q_i, sampling, generator))
-            q_rows.append(q_i)
+            if sampling.greedy:  # q is one-hot: the acceptance rule only needs the tokens
+                q_i = None
+                drafts.append(int(logits[:vocab].argmax()))
+            else:
+                q_i = logits_to_probs(logits[:vocab], sampling)  # (vocab,)
+                drafts.append(draw(q_i, sampling, generator))
+                q_rows.append(q_i)
             step_input = drafts[-1:]
             if self.confidence_threshold and self._confidence(logits[:vocab], q_i, drafts[-1], sampling) < (
                 self.confidence_threshold
             ):
                 break
-        if not drafts:
-            return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, vocab, device=device)
-        return torch.tensor(drafts, device=device), torch.stack(q_rows)
+        q = torch.stack(q_rows) if q_rows else torch.empty(0, vocab, device=device)  # (n, vocab); (0, vocab) greedy
+        return torch.tensor(drafts, dtype=torch.long, device=device), q
 
     @staticmethod
-    def _confidence(logits: torch.Tensor, q_i: torch.Tensor, token: int, sampling: SamplingConfig) -> float:
+    def _confidence(logits: torch.Tensor, q_i: torch.Tensor | None, token: int, sampling: SamplingConfig) -> float:
         """The draft's probability of its own token: q_i(x_i), or the raw softmax's under greedy decoding."""
         if sampling.greedy:
             return float(logits_to_probs(logits, _GREEDY_CONFIDENCE)[token])
@@ -238,7 +237,7 @@ class SpeculativeSampling(DecodingMethod):
     ) -> tuple[int, int]:
         """The acceptance rule: (number of drafts accepted, the token emitted after them).
 
-        drafts (k,), p (k + 1, vocab), q (k, vocab).
+        drafts (k,), p (k + 1, vocab), q (k, vocab) (not read under greedy decoding).
         """
         k = drafts.numel()
         p = p.to(drafts.device)
