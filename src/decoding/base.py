@@ -44,11 +44,17 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def _keep_kwargs(model, logits_to_keep: int | None) -> dict:
-    """Ask for the last ``logits_to_keep`` logit rows only: the lm_head over a long prompt costs ~10% of a prefill."""
-    if logits_to_keep is None or not _accepts_logits_to_keep(type(model)):
+def _keep_kwargs(model, logits_to_keep: int | None, input_ids: torch.Tensor) -> dict:
+    """Ask for the last ``logits_to_keep`` logit rows only: the lm_head over a long prompt costs ~10% of a prefill.
+
+    The rows are passed as an index tensor, not as a count: transformers slices the hidden states with it, and
+    a count gives a strided view that bfloat16 CPU matmuls run ~3x slower on (a 2-token bf16 SmolLM2 forward:
+    ~65 ms instead of ~22 ms); indexing with a tensor gives a contiguous copy.
+    """
+    n = input_ids.shape[-1]
+    if logits_to_keep is None or logits_to_keep >= n or not _accepts_logits_to_keep(type(model)):
         return {}
-    return {"logits_to_keep": logits_to_keep}
+    return {"logits_to_keep": torch.arange(n - logits_to_keep, n, device=input_ids.device)}
 
 
 @functools.cache
@@ -77,7 +83,7 @@ def model_logits(
         position_ids=position_ids,
         attention_mask=attention_mask,
         use_cache=True,
-        **_keep_kwargs(model, logits_to_keep),
+        **_keep_kwargs(model, logits_to_keep, input_ids),
     )
     return out.logits
 
@@ -91,7 +97,7 @@ def model_logits_and_hidden(
     """
     out = model(
         input_ids=input_ids, **{_cache_keyword(type(model)): cache}, use_cache=True, output_hidden_states=True,
-        **_keep_kwargs(model, logits_to_keep),
+        **_keep_kwargs(model, logits_to_keep, input_ids),
     )
     return out.logits, out.hidden_states[-1]
 
