@@ -41,7 +41,9 @@ Columns:
   the peak CUDA memory allocated during the configuration's runs.
 
 Above the table: the machine, and the mean latency of one target forward of 1, 32 and 64 tokens after the first
-prompt (to relate tok/s to the cost of a target call). ``--json PATH`` writes all of it, with per-pass figures.
+prompt (to relate tok/s to the cost of a target call), and the resident memory after the warm-up and after each
+pass (it must not grow from pass to pass: every generation frees its caches). ``--json PATH`` writes all of it,
+with per-pass figures.
 """
 
 from __future__ import annotations
@@ -273,6 +275,15 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def resident_mb() -> float:
+    """The process's resident set size now (Linux /proc; elsewhere the peak, the best available)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return rss_mb()
 
 
 def rss_mb() -> float:
@@ -636,6 +647,10 @@ def print_report(report: dict[str, Any]) -> None:
           f"{run['repeat']} interleaved pass(es) after one warm-up per configuration")
     latency = ", ".join(f"{size} tok {ms:.1f} ms" for size, ms in report["target_forward_ms"].items())
     print(f"target forward latency (mean of {LATENCY_REPEATS}, after the first prompt): {latency}")
+    resident = report.get("resident_mb") or []
+    if len(resident) > 1:
+        print(f"resident memory after the warm-up and after each pass: {', '.join(f'{mb:.0f}' for mb in resident)} MB "
+              f"(growth {resident[-1] - resident[0]:+.0f} MB)")
     print()
     print(format_table(report["rows"]))
 
@@ -662,7 +677,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         meter = ForwardMeter(models)
         with meter.installed():
             warm_up(configs, inputs[0], meter)
-            passes = [run_pass(configs, inputs, meter, index) for index in range(args.repeat)]
+            resident = [resident_mb()]  # after the warm-up, then after each pass: caches must not pile up
+            passes = []
+            for index in range(args.repeat):
+                passes.append(run_pass(configs, inputs, meter, index))
+                resident.append(resident_mb())
     return {
         "machine": machine_info(models.device),
         "models": models.info,
@@ -671,6 +690,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "draft": args.draft, "device": args.device, "eos_token_ids": sorted(eos),
         },
         "target_forward_ms": latency,
+        "resident_mb": resident,
         "rows": build_rows(configs, passes, eos),
     }
 

@@ -213,3 +213,47 @@ def test_bad_data_parallel_set_ups_are_refused_before_any_model_loads(tmp_path, 
     with pytest.raises(InvalidParameterError, match=message):
         cli_main(args)
     assert not output.exists()
+
+
+def test_judge_fit_under_ddp_matches_one_process(tmp_path):
+    """``fit`` of the AutoJudge judge with two gloo processes: validation is computed on every rank's rows gathered
+    (each once, whatever the sampler padded), so the exported judge's metrics match a one-process fit."""
+    from test_autojudge import write_label_store
+
+    from src.models.judge import Judge
+
+    questions = tmp_path / "train.jsonl"
+    questions.write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
+        for i in range(8)
+    ))
+    write_label_store(tmp_path / "labels", [f"q{i}" for i in range(8)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    judges = {}
+    for name, extra in (("one", ()), ("ddp", DDP)):
+        judges[name] = tmp_path / f"judge-{name}"
+        args = [
+            sys.executable, "-m", "src", "fit", "--config", "configs/autojudge.yaml", "--data.mine_path", str(questions),
+            "--data.mine_prompts", "8", "--data.store_dir", str(tmp_path / "labels"), "--data.batch_size", "8",
+            "--model.judge_path", str(judges[name]), "--model.learning_rate", "0.05", "--trainer.max_epochs", "15",
+            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra,
+        ]
+        result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert result.stdout.count("exported judge") == 1  # rank 0 alone exports
+    one, ddp = (Judge.load(judges[name]).metrics for name in ("one", "ddp"))
+    assert one["val_labels"] == ddp["val_labels"] == 24  # 2 of 8 prompts x 12 mismatches, every one counted
+    assert one["val_auroc"] > 0.9 and ddp["val_auroc"] > 0.9  # separable labels, learnt by both
+    assert abs(one["val_auroc"] - ddp["val_auroc"]) <= 0.05
+    assert ddp["val_recall_important"] >= 0.9  # the threshold was chosen on all the validation rows
+
+
+def test_validation_rows_are_gathered_once_each():
+    from src.lit.judge import gather_validation_rows
+
+    scores = [torch.tensor([0.1, 0.9]), torch.tensor([0.4, 0.1])]  # row 0 repeated (a padded shard)
+    labels = [torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])]
+    rows = [torch.tensor([2, 1]), torch.tensor([0, 2])]
+    got_scores, got_labels = gather_validation_rows(scores, labels, rows)
+    assert got_scores.tolist() == pytest.approx([0.4, 0.9, 0.1]) and got_labels.tolist() == [1.0, 1.0, 0.0]

@@ -163,7 +163,9 @@ class JudgeDataModule(PromptDataModule):
         train_rows, val_rows = self.split_by_prompt(labels)
         features = self.features_of(labels)
         self.train_set = TensorDataset(features[train_rows], labels.labels[train_rows])
-        self.val_set = TensorDataset(features[val_rows], labels.labels[val_rows])
+        # Validation rows carry their index: under DDP every rank scores a shard (padded with repeats to equal
+        # sizes) and the epoch's metrics are computed on the gathered rows, each once.
+        self.val_set = TensorDataset(features[val_rows], labels.labels[val_rows], torch.arange(len(val_rows)))
         train_labels = labels.labels[train_rows]
         self.feature_mean = features[train_rows].mean(0)
         self.feature_std = features[train_rows].std(0) if len(train_rows) > 1 else torch.ones(features.shape[1])
@@ -196,6 +198,27 @@ class JudgeDataModule(PromptDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=max(self.batch_size, 256), shuffle=False)
+
+
+def gather_validation_rows(
+    scores: list[torch.Tensor], labels: list[torch.Tensor], rows: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, labels) of every validation row once, in row order, from this rank's batches and (under DDP)
+    every other rank's: the distributed sampler splits the rows and pads the shards with repeats."""
+    import torch.distributed as dist
+
+    local = tuple(torch.cat(held) if held else torch.empty(0) for held in (scores, labels, rows))
+    parts = [local]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    all_scores, all_labels, all_rows = (torch.cat([part[i] for part in parts]) for i in range(3))
+    order = torch.argsort(all_rows, stable=True)
+    all_rows = all_rows[order]
+    first = torch.ones_like(all_rows, dtype=torch.bool)
+    first[1:] = all_rows[1:] != all_rows[:-1]  # a padded repeat follows its original: keep the first
+    keep = order[first]
+    return all_scores[keep], all_labels[keep]
 
 
 def _progress(total: int, description: str):
@@ -245,11 +268,15 @@ class AutoJudgeModule(DecodingModule):
             if isinstance(method, AutoJudge) and method.judge_path is None:
                 method.judge_path = judge_path
         self.head: JudgeHead | None = None
+        # Updated once per epoch with the validation rows of every rank (gathered, each once), so no sync at compute.
         self.val_metrics = torch.nn.ModuleDict({
-            "auroc": BinaryAUROC(), "average_precision": BinaryAveragePrecision(), "f1": BinaryF1Score(),
+            "auroc": BinaryAUROC(sync_on_compute=False),
+            "average_precision": BinaryAveragePrecision(sync_on_compute=False),
+            "f1": BinaryF1Score(sync_on_compute=False),
         })
         self._val_scores: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
+        self._val_rows: list[torch.Tensor] = []
         self.best: dict[str, Any] | None = None
 
     # ---- fit ------------------------------------------------------------------------------------------------
@@ -277,22 +304,23 @@ class AutoJudgeModule(DecodingModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        features, labels = batch
+        features, labels, rows = batch
         scores = torch.sigmoid(self.head(features))
-        for metric in self.val_metrics.values():
-            metric.update(scores, labels.int())
         self._val_scores.append(scores.detach().cpu())
         self._val_labels.append(labels.detach().cpu())
+        self._val_rows.append(rows.detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
-        scores, labels = torch.cat(self._val_scores), torch.cat(self._val_labels)
-        self._val_scores.clear()
-        self._val_labels.clear()
+        scores, labels = gather_validation_rows(self._val_scores, self._val_labels, self._val_rows)
+        for held in (self._val_scores, self._val_labels, self._val_rows):
+            held.clear()
+        # Every rank now holds the same rows, so every rank computes (and keeps as best) the same figures.
         both_classes = 0 < float(labels.sum()) < labels.numel()
         # AUROC / AP need both classes; a one-class split logs NaN (the checkpoint callback ranks it last).
-        values = {f"val_{name}": metric.compute() if both_classes else float("nan")
-                  for name, metric in self.val_metrics.items()}
-        for metric in self.val_metrics.values():
+        values = {}
+        for name, metric in self.val_metrics.items():
+            metric.update(scores, labels.int())
+            values[f"val_{name}"] = metric.compute() if both_classes else float("nan")
             metric.reset()
         threshold = select_threshold(scores, labels, self.recall_target)
         flagged = scores >= threshold
