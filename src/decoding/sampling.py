@@ -79,11 +79,6 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return draws.reshape(probs.shape[:-1])
 
 
-def draw(probs: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
-    """One token from ``probs`` (vocab,): the argmax when greedy (no random draw), else a sample."""
-    return int(probs.argmax()) if sampling.greedy else int(sample(probs, generator))
-
-
 def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
     """One token from raw ``logits`` (vocab,): greedy takes the argmax straight from the logits (the one-hot
     distribution would give the same token, ~0.1 ms later), else a sample of the warped distribution."""

@@ -39,7 +39,7 @@ import torch
 
 from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
 from src.decoding.kv import cache_length, new_cache, truncate_cache
-from src.decoding.sampling import SamplingConfig, draw, logits_to_probs, residual_distribution, sample
+from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
 from src.decoding.stats import Generation, GenerationStats, StageTimer
 from src.errors import InvalidParameterError
 
@@ -184,28 +184,30 @@ class SpeculativeSampling(DecodingMethod):
 
         The first forward also feeds every committed token the draft cache has not seen yet.
         """
-        drafts: list[int] = []
+        drafts: list[torch.Tensor] = []  # (1,) each, left on the device: no host sync per draft token on a GPU
         q_rows: list[torch.Tensor] = []
-        step_input = sequence[cache_length(cache) :]  # >= 1 token: at least the newest one
+        step_input = torch.tensor([sequence[cache_length(cache) :]], device=device)  # (1, m >= 1): the newest tokens
         for _ in range(k):
-            logits = model_logits(draft, torch.tensor([step_input], device=device), cache, logits_to_keep=1)[0, -1]
+            logits = model_logits(draft, step_input, cache, logits_to_keep=1)[0, -1, :vocab]  # (vocab,)
             if sampling.greedy:  # q is one-hot: the acceptance rule only needs the tokens
                 q_i = None
-                drafts.append(int(logits[:vocab].argmax()))
+                token = logits.argmax(-1, keepdim=True)  # (1,)
             else:
-                q_i = logits_to_probs(logits[:vocab], sampling)  # (vocab,)
-                drafts.append(draw(q_i, sampling, generator))
+                q_i = logits_to_probs(logits, sampling)  # (vocab,)
+                token = sample(q_i[None], generator)  # (1,)
                 q_rows.append(q_i)
-            step_input = drafts[-1:]
-            if self.confidence_threshold and self._confidence(logits[:vocab], q_i, drafts[-1], sampling) < (
-                self.confidence_threshold
-            ):
-                break
+            drafts.append(token)
+            step_input = token[None]  # (1, 1)
+            if self.confidence_threshold and self._confidence(logits, q_i, token, sampling) < self.confidence_threshold:
+                break  # the only per-token host sync, and only with a threshold
         q = torch.stack(q_rows) if q_rows else torch.empty(0, vocab, device=device)  # (n, vocab); (0, vocab) greedy
-        return torch.tensor(drafts, dtype=torch.long, device=device), q
+        tokens = torch.cat(drafts) if drafts else torch.empty(0, dtype=torch.long, device=device)  # (n,)
+        return tokens, q
 
     @staticmethod
-    def _confidence(logits: torch.Tensor, q_i: torch.Tensor | None, token: int, sampling: SamplingConfig) -> float:
+    def _confidence(
+        logits: torch.Tensor, q_i: torch.Tensor | None, token: torch.Tensor, sampling: SamplingConfig
+    ) -> float:
         """The draft's probability of its own token: q_i(x_i), or the raw softmax's under greedy decoding."""
         if sampling.greedy:
             return float(logits_to_probs(logits, _GREEDY_CONFIDENCE)[token])

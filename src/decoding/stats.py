@@ -25,8 +25,10 @@ class GenerationStats:
     accepted_per_step: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
+    # prefill_s: time to the first emitted token(s): the baseline's prompt forward; for draft methods their first
+    # cycle, which encodes the prompt in both models and verifies the first chain or tree in the same forwards.
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # everything after it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record_step(self, drafted: int, accepted: int) -> None:
