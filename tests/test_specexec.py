@@ -45,6 +45,7 @@ def generate(method, target, draft, prompt, max_new_tokens, sampling=GREEDY, eos
         ({"budget": 2.5}, "budget=2.5"),
         ({"prune_threshold": -0.1}, "prune_threshold=-0.1"),
         ({"prune_threshold": 1.0}, "prune_threshold=1.0"),
+        ({"scoring_temperature": 0.0}, "scoring_temperature=0.0"),
     ],
 )
 def test_parameter_errors_name_the_value(kwargs, named):
@@ -63,6 +64,8 @@ def test_params_identity_and_draft_required(toy_pair):
         "prune_threshold": 1e-3,
     }
     assert SpecExec(**method.params()).params() == method.params()
+    tempered = SpecExec(scoring_temperature=0.5)
+    assert tempered.params()["scoring_temperature"] == 0.5 and "scoring_temperature" not in SpecExec().params()
     with pytest.raises(ValueError, match="draft"):
         generate(method, toy_pair[0], None, [1, 2], 4)
 
@@ -395,3 +398,19 @@ def test_wrong_rule_breaks_the_coupling(wrong):
         for seed in range(4)
     ]
     assert all(differs)
+
+
+@pytest.mark.parametrize("temperature", [None, 0.05, 1.0, 3.0])
+def test_scoring_temperature_shapes_the_tree_never_the_output(llama_pair, temperature):
+    """Greedy: any scoring gives the baseline's tokens; a sharper score spends the budget deeper."""
+    target, draft = llama_pair
+    prompt = [5, 9, 2, 7]
+    reference = generate(Baseline(), target, None, prompt, 20).tokens
+    out = generate(SpecExec(budget=8, max_depth=8, scoring_temperature=temperature), target, draft, prompt, 20)
+    assert out.tokens == reference
+    if temperature == 0.05:
+        wide = generate(SpecExec(budget=8, max_depth=8, scoring_temperature=3.0), target, draft, prompt, 20)
+        assert out.stats.extra["tree_depth_mean"] > wide.stats.extra["tree_depth_mean"]
+    sampling = SamplingConfig(temperature=0.7)
+    assert SpecExec(scoring_temperature=temperature).scoring(sampling) == (
+        sampling if temperature is None else SamplingConfig(temperature=temperature))
