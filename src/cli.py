@@ -136,12 +136,29 @@ class SpSampCLI(LightningCLI):
             skipped = f", {len(writer.previous)} already done" if writer.previous else ""
             print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}")
         finish_wandb_runs(self.trainer)
+        release_process_group()
         if writer.written and not writer.ok:
             raise SystemExit(f"error: every record failed; see the 'error' fields in {writer.output}")
 
     def before_fit(self) -> None:
         if self.config[self.subcommand].require_headless:
             check_headless()
+
+    def after_fit(self) -> None:
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """End a data-parallel run cleanly: every rank waits for the others, then the process group is destroyed.
+
+    Lightning destroys NCCL groups at exit but leaves gloo ones to interpreter shutdown, where gloo's threads
+    sometimes die with "terminate called without an active exception" (SIGABRT) after all the work is done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> SpSampCLI:
