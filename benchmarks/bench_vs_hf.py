@@ -147,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prune-threshold", type=float, default=None,
                         help="SpecExec prune_threshold (its default)")
     parser.add_argument("--draft", choices=["bf16", "nf4"], default="bf16", help="draft: the target in bf16 or NF4")
+    parser.add_argument("--target-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the target's dtype (a GPU run may use bfloat16 with --draft nf4)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
@@ -193,7 +195,7 @@ def load_models(args: argparse.Namespace) -> Models:
     needs_draft = bool(args.ks or args.assist or args.specexec)
     started = time.perf_counter()
     pair = load_pair(
-        ModelSpec(name_or_path=EMBEDDED, dtype="float32", device=args.device),
+        ModelSpec(name_or_path=EMBEDDED, dtype=args.target_dtype, device=args.device),
         draft_spec(args.draft, args.device) if needs_draft else None,
     )
     info = {**pair.describe(), "load_s": round(time.perf_counter() - started, 2)}
