@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from src.errors import InvalidParameterError
+from src.lit.distributed import release_process_group
 from src.lit.progress import use_speedup_progress_bar
 from src.lit.reporting import MetricsReporter
 from src.lit.results import ResultsWriter, check_output_path
@@ -146,19 +147,6 @@ class SpSampCLI(LightningCLI):
 
     def after_fit(self) -> None:
         release_process_group()
-
-
-def release_process_group() -> None:
-    """End a data-parallel run cleanly: every rank waits for the others, then the process group is destroyed.
-
-    Lightning destroys NCCL groups at exit but leaves gloo ones to interpreter shutdown, where gloo's threads
-    sometimes die with "terminate called without an active exception" (SIGABRT) after all the work is done.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> SpSampCLI:

@@ -24,7 +24,7 @@ import torch
 from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits_and_hidden
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig
-from src.decoding.stats import Generation, GenerationStats, StageTimer
+from src.decoding.stats import Generation, GenerationStats, run_cycles
 from src.errors import InvalidParameterError
 
 
@@ -111,13 +111,10 @@ class AutoJudge(DecodingMethod):
             truncate_cache(target_cache, committed + kept)
             truncate_cache(draft_cache, committed + kept)
 
-        with StageTimer(device) as prefill:  # the first cycle: prompt + first chain
-            cycle()
-        stats.prefill_s = prefill.elapsed
-        with StageTimer(device) as decode:
-            while len(sequence) - prompt_len < max_new_tokens and sequence[-1] not in eos_token_ids:
-                cycle()
-        stats.decode_s = decode.elapsed
+        def finished() -> bool:
+            return len(sequence) - prompt_len >= max_new_tokens or sequence[-1] in eos_token_ids
+
+        run_cycles(stats, device, cycle, finished)
 
         cycles = len(stats.accepted_per_step)
         stats.extra["accepted_per_cycle_mean"] = stats.accepted_tokens / cycles if cycles else None

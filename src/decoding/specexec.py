@@ -26,7 +26,7 @@ import torch
 from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
 from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, next_token
-from src.decoding.stats import Generation, GenerationStats, StageTimer
+from src.decoding.stats import Generation, GenerationStats, run_cycles
 from src.decoding.tree import DraftTree, growth_mask, tree_position_ids, verify_mask
 from src.errors import InvalidParameterError
 
@@ -182,16 +182,9 @@ class SpecExec(DecodingMethod):
             ):
                 log[key].append(value)
 
-        # Step 1: the first iteration is the prefill: the draft reads the prompt as it grows the first tree, the
-        # target as it verifies it (one forward each, like any iteration).
-        with StageTimer(device) as prefill:
-            iteration()
-        stats.prefill_s = prefill.elapsed
-        # Step 2: grow, verify, walk, compact until EOS or max_new_tokens.
-        with StageTimer(device) as decode:
-            while tokens[-1] not in eos_token_ids and len(tokens) < max_new_tokens:
-                iteration()
-        stats.decode_s = decode.elapsed
+        # Step 1: the first iteration is the prefill (the draft reads the prompt as it grows the first tree, the
+        # target as it verifies it); Step 2: grow, verify, walk, compact until EOS or max_new_tokens.
+        run_cycles(stats, device, iteration, lambda: tokens[-1] in eos_token_ids or len(tokens) >= max_new_tokens)
         stats.extra.update(log)
         stats.extra.update(_summarize(log))
         stopped_by = "eos" if tokens[-1] in eos_token_ids else "max_new_tokens"

@@ -40,7 +40,7 @@ import torch
 from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
-from src.decoding.stats import Generation, GenerationStats, StageTimer
+from src.decoding.stats import Generation, GenerationStats, run_cycles
 from src.errors import InvalidParameterError
 
 # Draft confidence under greedy decoding: the raw draft softmax (q itself is one-hot there).
@@ -121,21 +121,24 @@ class SpeculativeSampling(DecodingMethod):
         if draft is None:
             raise InvalidParameterError("draft=None: speculative sampling needs a draft model (set one in the model pair)")
         stats = GenerationStats()
-        caches = (new_cache(), new_cache())  # target, draft
+        target_cache, draft_cache = new_cache(), new_cache()
         sequence: list[int] = input_ids[0].tolist()  # prompt + emitted tokens
         prompt_len = len(sequence)
-        devices = (input_ids.device, input_device(draft))  # the target's input device (as in Baseline), the draft's
+        device = input_ids.device  # the target's input device (as in Baseline)
+        draft_device = input_device(draft)
         vocab = min(vocab_width(target), vocab_width(draft))  # p and q live on the shared ids [0, vocab)
+        k = self.k  # this cycle's chain length (the schedule may change it)
 
-        def cycle(k: int) -> int:
-            """Steps 1-4 once; returns the next cycle's k."""
+        def cycle() -> None:
+            """Steps 1-4 once (the first cycle also encodes the prompt in both models)."""
+            nonlocal k
             # Step 1: draft up to k tokens (a cycle emits at most k + 1: never draft what could not be emitted).
             k_step = min(k, max_new_tokens - (len(sequence) - prompt_len) - 1)
             committed = len(sequence)
-            drafts, q = self.draft_chain(draft, caches[1], sequence, k_step, vocab, sampling, generator, devices[1])
+            drafts, q = self.draft_chain(draft, draft_cache, sequence, k_step, vocab, sampling, generator, draft_device)
             stats.draft_calls += len(drafts)
             # Step 2: one target forward scores every drafted position (and encodes what it has not seen).
-            p = self.verify(target, caches[0], sequence, drafts, vocab, sampling, devices[0])
+            p = self.verify(target, target_cache, sequence, drafts, vocab, sampling, device)
             stats.target_calls += 1
             accepted, token = self.accept(drafts, p, q, sampling, generator)
             stats.record_step(drafted=len(drafts), accepted=accepted)
@@ -145,21 +148,14 @@ class SpeculativeSampling(DecodingMethod):
                 if new in eos_token_ids:
                     break
             # Step 4: caches keep committed + accepted drafts; the newest token is fed next cycle.
-            truncate_cache(caches[0], committed + accepted)
-            truncate_cache(caches[1], committed + accepted)
-            return self.next_k(k, len(drafts), accepted)
+            truncate_cache(target_cache, committed + accepted)
+            truncate_cache(draft_cache, committed + accepted)
+            k = self.next_k(k, len(drafts), accepted)
 
         def finished() -> bool:
             return len(sequence) - prompt_len >= max_new_tokens or sequence[-1] in eos_token_ids
 
-        # The first cycle is the prefill: both models encode the prompt, and the first chain is verified with it.
-        with StageTimer(devices[0]) as prefill:
-            k = cycle(self.k)
-        stats.prefill_s = prefill.elapsed
-        with StageTimer(devices[0]) as decode:
-            while not finished():
-                k = cycle(k)
-        stats.decode_s = decode.elapsed
+        run_cycles(stats, device, cycle, finished)
 
         tokens = sequence[prompt_len:]
         stopped_by = "eos" if tokens[-1] in eos_token_ids else "max_new_tokens"

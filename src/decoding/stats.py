@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,3 +85,17 @@ class StageTimer:
     def __exit__(self, *exc) -> None:
         self._sync()
         self.elapsed = time.perf_counter() - self.start
+
+
+def run_cycles(
+    stats: GenerationStats, device: torch.device, cycle: Callable[[], None], finished: Callable[[], bool]
+) -> None:
+    """Run ``cycle`` until ``finished()``, at least once. A draft method's first cycle also encodes the prompt in
+    both models, so it is timed as ``prefill_s`` (time to the first emitted tokens); the rest as ``decode_s``."""
+    with StageTimer(device) as prefill:
+        cycle()
+    stats.prefill_s = prefill.elapsed
+    with StageTimer(device) as decode:
+        while not finished():
+            cycle()
+    stats.decode_s = decode.elapsed

@@ -28,6 +28,7 @@ from src.data.prompts import encode_messages
 from src.decoding.autojudge import AutoJudge
 from src.errors import InvalidParameterError, MissingInputError
 from src.lit.data import PromptDataModule
+from src.lit.distributed import gather_from_ranks
 from src.lit.module import DecodingModule
 from src.models.judge import FeatureLayout, HeadType, Judge, JudgeHead, select_threshold
 
@@ -205,13 +206,8 @@ def gather_validation_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, labels) of every validation row once, in row order, from this rank's batches and (under DDP)
     every other rank's: the distributed sampler splits the rows and pads the shards with repeats."""
-    import torch.distributed as dist
-
     local = tuple(torch.cat(held) if held else torch.empty(0) for held in (scores, labels, rows))
-    parts = [local]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, local)
+    parts = gather_from_ranks(local)
     all_scores, all_labels, all_rows = (torch.cat([part[i] for part in parts]) for i in range(3))
     order = torch.argsort(all_rows, stable=True)
     all_rows = all_rows[order]

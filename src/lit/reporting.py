@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from src.lit.distributed import gather_from_ranks
 from src.metrics import DecodingMetrics, summarize
 
 TABLE_COLUMNS = (
@@ -52,7 +53,7 @@ class MetricsReporter(L.Callback):
             computed = {key: metric.compute() for key, metric in self.metrics.items()}
         self.summary = summarize({key: values for key, values in computed.items() if values["records"]})
         if trainer.world_size > 1 and trainer.loggers:  # the records table covers every rank's prompts
-            self.records = gather_records(self.records)
+            self.records = [record for part in gather_from_ranks(self.records) for record in part]
         self._report(trainer)
 
     @rank_zero_only
@@ -108,17 +109,6 @@ class MetricsReporter(L.Callback):
             )
             method_run.summary.update(_scalars(values))
             method_run.finish()
-
-
-def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of every rank (rank order), on every rank; ``records`` unchanged without a process group."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return records
-    gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, records)
-    return [record for part in gathered for record in part or []]
 
 
 def _scalars(values: dict[str, Any]) -> dict[str, float | int]:
