@@ -8,6 +8,7 @@ is how the model presets under ``configs/models/`` are combined with a method co
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import warnings
@@ -17,7 +18,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
-from src.errors import InvalidParameterError
+from src.errors import InvalidParameterError, MissingInputError, UserInputError
 from src.lit.distributed import release_process_group
 from src.lit.progress import use_speedup_progress_bar
 from src.lit.reporting import MetricsReporter
@@ -34,7 +35,7 @@ def available_presets() -> list[str]:
 
 
 def check_config_paths(args: list[str]) -> None:
-    """An unknown preset is an error that lists the presets that exist (before jsonargparse's generic one)."""
+    """An unknown preset is a one-line error that lists the presets that exist (before jsonargparse's own)."""
     for i, arg in enumerate(args):
         path = None
         if arg == "--config" and i + 1 < len(args):
@@ -42,17 +43,30 @@ def check_config_paths(args: list[str]) -> None:
         elif arg.startswith("--config="):
             path = arg.split("=", 1)[1]
         if path and not path.lstrip().startswith(("{", "model:", "data:", "trainer:")) and not Path(path).is_file():
-            presets = "\n  ".join(available_presets()) or "(none found)"
-            raise SystemExit(f"error: config file {path!r} does not exist. Available configs and presets:\n  {presets}")
+            presets = ", ".join(available_presets()) or "(none found)"
+            raise MissingInputError(f"config file {path!r} does not exist: use one of {presets}")
 
 
 def check_headless() -> None:
     display = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
     if display:
-        raise SystemExit(
-            f"error: --require_headless is set but a display is attached (DISPLAY={display!r}): "
+        raise InvalidParameterError(
+            f"--require_headless is set but a display is attached (DISPLAY={display!r}): "
             "unset DISPLAY / WAYLAND_DISPLAY or drop --require_headless"
         )
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep the console to our own lines: Lightning's tips and accelerator lines, wandb's ~90 lines per run and
+    transformers' weight-loading bars only with ``--verbose``. Warnings and errors always show."""
+    if verbose:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def group_wandb_runs(trainer, experiment: str) -> None:
@@ -72,6 +86,19 @@ def finish_wandb_runs(trainer) -> None:
             run.finish()
 
 
+# The options of ours next to LightningCLI's: name -> (type, default, help). ``--help`` lists them first.
+RUN_OPTIONS: dict[str, tuple[object, object, str]] = {
+    "output": (str, "datasets/results.jsonl", "predict: the JSONL results file (created with its first record)"),
+    "resume": (bool, False, "predict: continue an existing results file (prompts already ok there with this "
+                            "configuration are skipped; a different configuration is refused)"),
+    "resume_as_new_config": (bool, False, "predict: with --resume, add this configuration next to different ones "
+                                          "already in the file (its records are keyed apart by their fingerprint)"),
+    "experiment": (str | None, None, "predict: wandb group of the run (default: the first config's file name)"),
+    "verbose": (bool, False, "show Lightning's, wandb's and transformers' own messages and progress bars"),
+    "require_headless": (bool, False, "refuse to run when a display is attached"),
+}
+
+
 class SpSampCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -79,15 +106,38 @@ class SpSampCLI(LightningCLI):
         return {key: value for key, value in LightningCLI.subcommands().items() if key in ("fit", "predict")}
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--output", type=str, default="datasets/results.jsonl", help="predict: JSONL results file")
-        parser.add_argument("--resume", type=bool, default=False, help="predict: continue an existing results file")
-        parser.add_argument(
-            "--experiment", type=str | None, default=None,
-            help="predict: wandb group of the run (default: the first config's file name, e.g. 'all')",
-        )
-        parser.add_argument(
-            "--require_headless", type=bool, default=False, help="refuse to run when a display is attached"
-        )
+        for name, (type_, default, help_text) in RUN_OPTIONS.items():
+            parser.add_argument(f"--{name}", type=type_, default=default, help=help_text)
+
+    def instantiate_trainer(self, **kwargs):
+        """A ``--trainer.*`` value Lightning refuses (``--trainer.devices abc``) is the user's mistake: one line."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (TypeError, ValueError) as error:
+            if isinstance(error, UserInputError):
+                raise
+            raise InvalidParameterError(
+                f"{error} (a --trainer.* value: `python -m src predict --help-all` lists them)"
+            ) from error
+
+    def init_parser(self, **kwargs):
+        """Parse errors raise (``python -m src`` prints them as one line) instead of a 70-line usage dump."""
+        return super().init_parser(**{**kwargs, "exit_on_error": False})
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        quiet_libraries(verbose=bool(config.get("verbose")))
+
+    def _set_seed(self) -> None:
+        """Seed with ``--model.seed`` when ``--seed_everything`` is left at its default, so the one seed a user
+        sets is the one used (and a --verbose "Seed set to" line names it)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        model_seed = config.get("model.init_args.seed") if config.get("model.init_args") else None
+        if config.get("seed_everything") == self.seed_everything_default and isinstance(model_seed, int):
+            config["seed_everything"] = model_seed
+        super()._set_seed()
 
     def before_predict(self) -> None:
         config = self.config[self.subcommand]
@@ -110,14 +160,22 @@ class SpSampCLI(LightningCLI):
         # started after it would find the file it created. The writer agrees on the rest in its ``setup``.
         output = Path(config.output)
         if self.trainer.is_global_zero:
-            output = check_output_path(output, config.resume)
-        self.results_writer = ResultsWriter(output, resume=config.resume)
+            output = check_output_path(output, config.resume, self.input_paths())
+        self.results_writer = ResultsWriter(output, resume=config.resume, new_config=config.resume_as_new_config)
         self.trainer.callbacks.append(self.results_writer)
         experiment = config.experiment or self.config_stem()
         group_wandb_runs(self.trainer, experiment)
         self.reporter = MetricsReporter(config=self.config_dict(), experiment=experiment)
         self.trainer.callbacks.append(self.reporter)
         use_speedup_progress_bar(self.trainer)
+
+    def input_paths(self) -> list[str]:
+        """Every file this run reads: the configs, the prompt file, the judges and heads of the methods."""
+        paths = [str(path) for path in self.config[self.subcommand].get("config") or []]
+        for holder in (self.datamodule, self.model):
+            if hasattr(holder, "input_files"):
+                paths += holder.input_files()
+        return paths
 
     def config_stem(self) -> str:
         paths = self.config[self.subcommand].get("config") or []
@@ -153,10 +211,19 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SpSampCLI:
     """Parse ``args`` (default: the command line), build model, data and trainer, and run the subcommand.
 
     ``run=False`` only builds them (tests use it to check that every shipped config instantiates); ``args``
-    then omit the subcommand.
+    then omit the subcommand. ``predict --help`` / ``fit --help`` print our short help (exit 0);
+    ``--help-all`` is LightningCLI's full one.
     """
     warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # lightning's own, not actionable here
-    check_config_paths(sys.argv[1:] if args is None else list(args))
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # --help-all rewrites
+    argv = sys.argv[1:] if args is None else list(args)
+    check_config_paths(argv)
+    if argv and argv[0] in ("predict", "fit") and {"--help", "-h"} & set(argv):
+        from src.cli_help import subcommand_help
+
+        print(subcommand_help(argv[0], argv, {name: option[2] for name, option in RUN_OPTIONS.items()}))
+        raise SystemExit(0)
+    argv = ["--help" if arg == "--help-all" else arg for arg in argv]
     return SpSampCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -165,6 +232,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SpSampCLI:
         save_config_callback=None,
         seed_everything_default=0,
         trainer_defaults={"logger": False, "enable_checkpointing": False, "devices": 1},
-        args=args,
+        args=argv,
         run=run,
     )

@@ -66,7 +66,9 @@ def test_command_line_overrides_reach_the_module():
 
 
 def test_unknown_preset_lists_existing_ones():
-    with pytest.raises(SystemExit, match=r"(?s)configs/models/nope\.yaml.*does not exist.*configs/models/smollm2-135m-bf16\.yaml"):
+    from src.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match=r"(?s)configs/models/nope\.yaml.*does not exist.*configs/models/smollm2-135m-bf16\.yaml"):
         cli_main(["predict", "--config", "configs/baseline.yaml", "--config", "configs/models/nope.yaml"])
 
 

@@ -55,6 +55,9 @@ class AutoJudge(DecodingMethod):
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "threshold": self.threshold, "judge_path": self.judge_path}
 
+    def input_files(self) -> list[str]:
+        return [f"{self.judge_path}.safetensors", f"{self.judge_path}.json"] if self.judge_path else []
+
     def prepare(self, target_info: dict[str, Any], draft_info: dict[str, Any] | None) -> None:
         from src.models.judge import Judge  # decoding stays importable without the judge's file format
 

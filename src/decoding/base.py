@@ -116,6 +116,11 @@ class DecodingMethod(ABC):
         """Method parameters that identify a configuration (go into records and resume keys)."""
         return {}
 
+    def input_files(self) -> list[str]:
+        """Files this method reads (a trained judge or head): a run fingerprint hashes them, and no results file
+        may be written over them."""
+        return []
+
     def prepare(self, target_info: dict[str, Any], draft_info: dict[str, Any] | None) -> None:
         """Called once the models are loaded, before any ``generate`` (AutoJudge loads and checks its judge)."""
         return None  # most methods need nothing

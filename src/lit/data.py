@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -102,12 +102,19 @@ class PromptDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.load_prompts()
 
-    def predict_dataloader(self) -> DataLoader:
-        options = {
-            "num_turns": self.turns,
+    def prompt_options(self) -> dict[str, Any]:
+        """How every prompt is formatted for the model (part of each record's run fingerprint)."""
+        return {
             "chat_template": self.chat_template,
             "system_prompt": self.system_prompt,
             "max_prompt_tokens": self.max_prompt_tokens,
         }
+
+    def input_files(self) -> list[str]:
+        """The prompt file (none for hub datasets and generated tasks): results must never be written over it."""
+        return [] if self.path.startswith((SYNTHETIC_PREFIX, HUB_PREFIX)) else [self.path]
+
+    def predict_dataloader(self) -> DataLoader:
+        options = {"num_turns": self.turns, **self.prompt_options()}
         items = [{**asdict(p), **options} for p in self.load_prompts()]
         return DataLoader(items, batch_size=None, shuffle=False, collate_fn=_single_item)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 import zlib
@@ -15,14 +17,17 @@ from src.decoding.base import DecodingMethod
 from src.decoding.baseline import Baseline
 from src.decoding.sampling import SamplingConfig, make_generator
 from src.errors import InvalidParameterError
-from src.lit.records import compare_with_baseline, error_record, ok_record, resume_key
+from src.lit.records import compare_with_baseline, error_record, fingerprint_id, ok_record, resume_key
 from src.lit.system import system_info
+from src.models.loading import load_tokenizer
 from src.models.pair import ModelPair, load_pair
 from src.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 WARMUP_TOKENS = 4
+# The prompt options of a batch (see PromptDataModule.prompt_options) that change what a model is given.
+PROMPT_OPTION_DEFAULTS = {"chat_template": True, "system_prompt": None, "max_prompt_tokens": None}
 
 
 class DecodingModule(L.LightningModule):
@@ -69,6 +74,8 @@ class DecodingModule(L.LightningModule):
         self.run_id = uuid.uuid4().hex[:12]
         self.previous_records: dict[str, dict[str, Any]] = {}  # resume_key -> ok record from an earlier run
         self.pair: ModelPair | None = None  # a plain holder: Lightning must not move or cast these models
+        self._tokenizer = None  # loaded alone (cheap) when a fingerprint is needed before the models load
+        self._fingerprints: dict[str, dict[str, dict[str, Any]]] = {}  # prompt options (JSON) -> method key -> fp
         for method in self.methods:
             if method.needs_draft and draft is None:
                 raise InvalidParameterError(
@@ -96,6 +103,46 @@ class DecodingModule(L.LightningModule):
         pair = self.ensure_pair()
         for method in self.methods:  # e.g. AutoJudge loads its judge and checks it was trained for this pair
             method.prepare(pair.target.info, pair.draft.info if pair.draft is not None else None)
+
+    # ---- run identity -------------------------------------------------------------------------------------
+    def input_files(self) -> list[str]:
+        """Files the methods read (judges, heads): hashed into fingerprints, never overwritten by results."""
+        return [path for method in self.methods for path in method.input_files()]
+
+    def chat_template_sha(self) -> str | None:
+        """SHA-1 of the target tokenizer's chat template (None without one); loads the tokenizer alone if needed."""
+        if self.pair is not None:
+            tokenizer = self.pair.tokenizer
+        else:
+            if self._tokenizer is None:
+                self._tokenizer = load_tokenizer(self.target_spec)
+            tokenizer = self._tokenizer
+        template = getattr(tokenizer, "chat_template", None)
+        return hashlib.sha1(json.dumps(template, sort_keys=True).encode()).hexdigest()[:12] if template else None
+
+    def fingerprints(self, prompt_options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """``method key -> run fingerprint``: everything that changes a method's output on a given prompt.
+
+        Models (name, revision, dtype, quantization, device type, device map, attention), the prompt formatting
+        (chat template on/off and its hash, system prompt, truncation), sampling, the method's parameters and the
+        hashes of the files it reads. Not the turn count (the turn is in the resume key) nor ``warmup``.
+        """
+        options = {name: prompt_options.get(name, default) for name, default in PROMPT_OPTION_DEFAULTS.items()}
+        cache_key = json.dumps(options, sort_keys=True)
+        if cache_key not in self._fingerprints:
+            prompt = {**options, "chat_template_sha": self.chat_template_sha() if options["chat_template"] else None}
+            self._fingerprints[cache_key] = {
+                key: {
+                    "method": key,
+                    "params": self._params(method),
+                    "target": self.target_spec.identity(),
+                    "draft": self.draft_spec.identity() if method.needs_draft and self.draft_spec else None,
+                    "prompt": prompt,
+                    "files": {path: _file_sha256(path) for path in method.input_files()},
+                }
+                for method, key in zip(self.methods, self.method_keys)
+            }
+        return self._fingerprints[cache_key]
 
     @property
     def input_device(self) -> torch.device:
@@ -186,8 +233,8 @@ class DecodingModule(L.LightningModule):
         answer = extract_answer(text, batch.get("answer_extractor") or "gsm8k")
         return {"answer": answer, "answer_correct": None if gold is None else answers_match(answer, gold)}
 
-    def _common_fields(self, batch: dict[str, Any], turn: int, method: DecodingMethod, method_key: str, prompt_tokens: int):
-        params = {
+    def _params(self, method: DecodingMethod) -> dict[str, Any]:
+        return {
             **method.params(),
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.sampling.temperature,
@@ -195,17 +242,34 @@ class DecodingModule(L.LightningModule):
             "top_p": self.sampling.top_p,
             "seed": self.seed,
         }
+
+    def _common_fields(self, batch: dict[str, Any], turn: int, method: DecodingMethod, method_key: str, prompt_tokens: int):
+        fingerprint = self.fingerprints(batch)[method_key]
         return {
             "run_id": self.run_id,
-            "resume_key": resume_key(batch["dataset"], batch["prompt_id"], turn, method_key, params),
+            "resume_key": resume_key(batch["dataset"], batch["prompt_id"], turn, method_key, fingerprint),
             "method": method_key,
             "dataset": batch["dataset"],
             "prompt_id": batch["prompt_id"],
             "category": batch["category"],
             "turn": turn,
             "prompt_tokens": prompt_tokens,
-            "params": params,
+            "params": fingerprint["params"],
+            "fingerprint_id": fingerprint_id(fingerprint),
+            "fingerprint": fingerprint,
             "target": self.pair.target.info,
             "draft": self.pair.draft.info if (method.needs_draft and self.pair.draft) else None,
             "system": system_info(self.input_device),
         }
+
+
+def _file_sha256(path: str) -> str | None:
+    """SHA-256 of a file (None when it does not exist: the method that needs it then refuses to start)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()

@@ -10,10 +10,36 @@ from typing import Any
 from src.decoding.stats import Generation
 
 
-def resume_key(dataset: str, prompt_id: str, turn: int, method_key: str, params: dict[str, Any]) -> str:
-    """Identifies (prompt, turn, method, parameters): a resumed run skips keys already ``ok`` in the file."""
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{dataset}/{prompt_id}/{turn}/{method_key}/{digest}"
+def fingerprint_id(fingerprint: dict[str, Any]) -> str:
+    """A short stable hash of a run fingerprint: equal for records of the same configuration."""
+    return hashlib.sha1(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def resume_key(dataset: str, prompt_id: str, turn: int, method_key: str, fingerprint: dict[str, Any]) -> str:
+    """Identifies (prompt, turn, method, configuration): a resumed run skips keys already ``ok`` in the file.
+
+    The configuration is the whole run fingerprint (models, prompt formatting, sampling, method parameters, input
+    file hashes): a run with another target dtype or system prompt never reuses the first run's records.
+    """
+    return f"{dataset}/{prompt_id}/{turn}/{method_key}/{fingerprint_id(fingerprint)}"
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"target": {"dtype": "float32"}}`` -> ``{"target.dtype": "float32"}`` (lists and scalars are leaves)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat or {prefix: {}}
+
+
+def fingerprint_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """``field: old -> new`` for each field where two fingerprints differ (``old`` None: a record without one)."""
+    if old is None:
+        return ["fingerprint: none (written before sp-samp recorded run fingerprints)"]
+    a, b = flatten(old), flatten(new)
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
 
 
 def ok_record(common: dict[str, Any], generation: Generation, text: str) -> dict[str, Any]:

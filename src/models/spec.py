@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 Quantization = Literal["none", "bnb-8bit", "bnb-4bit"]
 
@@ -43,6 +45,35 @@ class ModelSpec:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
 
+    def identity(self) -> dict[str, object]:
+        """The fields that change what this model outputs (a run fingerprint covers them; see ``src.lit.records``).
+
+        The device counts by type only (``cuda``, not ``cuda:1``): numerics differ between a CPU and a GPU, not
+        between two GPUs of one data-parallel run. ``trust_remote_code`` and the bitsandbytes options of an
+        unquantized model change nothing and are left out.
+        """
+        device = self.device or ("cuda" if _cuda_available() else "cpu")
+        identity: dict[str, object] = {
+            "name_or_path": self.name_or_path,
+            "revision": self.revision,
+            "gguf_file": self.gguf_file,
+            "tokenizer": self.tokenizer,
+            "dtype": self.dtype,
+            "quantization": self.quantization,
+            "device": device.split(":")[0] if self.device_map is None else None,
+            "device_map": self.device_map,
+            "attn_implementation": self.attn_implementation,
+        }
+        if self.quantization != "none":
+            identity["bnb_compute_dtype"] = self.bnb_compute_dtype
+        if self.quantization == "bnb-4bit":
+            identity["bnb_4bit_quant_type"] = self.bnb_4bit_quant_type
+        return identity
+
     def describe(self) -> str:
         quant = "" if self.quantization == "none" else f", {self.quantization}"
         return f"{self.name_or_path} ({self.dtype}{quant})"
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
