@@ -74,6 +74,8 @@ def group_wandb_runs(trainer, experiment: str) -> None:
     for logger in trainer.loggers:
         init = getattr(logger, "_wandb_init", None) if type(logger).__name__ == "WandbLogger" else None
         if init is not None and getattr(logger, "_experiment", None) is None:
+            if init.get("anonymous") is None:  # Lightning always passes it; wandb then warns it has no effect
+                init.pop("anonymous", None)
             init["group"] = init.get("group") or experiment
             init["job_type"] = init.get("job_type") or "compare"
 

@@ -1,13 +1,27 @@
 """Summarise results JSONL files into a Markdown and a self-contained HTML report with PNG plots.
 
     python -m src.report RESULTS.jsonl [MORE.jsonl ...] --out DIR [--seed 0] [--bootstrap 2000]
+    python -m src.report RESULTS.jsonl --merge-configs --out DIR
     python -m src.report A.jsonl B.jsonl --compare --out DIR
 
 Writes ``DIR/report.md`` (tables, links to the PNGs next to it), ``DIR/report.html`` (the same with the
 plots embedded as data URIs: it opens without a server) and ``DIR/*.png``. Several files are merged into
 one report; with ``--compare`` and exactly two files each file gets its own section (A, B) and a
 comparison section gives B/A per method. Malformed lines (a run killed mid-write) and error records are
-counted and listed, never dropped silently.
+counted and listed, never dropped silently. A binary or non-UTF-8 input is refused (exit status 2).
+
+Within a section (all files, or one side of ``--compare``):
+
+- duplicates: a record with the same (run_id, resume_key, status) as an earlier one (a file appended twice,
+  the same file passed twice) counts once; a warning on stderr and the Input list name their lines. Records
+  without a run_id or resume_key are never dropped.
+- configurations: records of one method whose settings differ are not pooled silently. The settings are the
+  record's ``fingerprint`` (grouped by ``fingerprint_id``); a method with records written before fingerprints
+  is compared on ``params`` and the target's and draft's name, dtype and quantization instead. A method with
+  several configurations gets one row per configuration, ``<method> #1``, ``#2``... in file order, and a note
+  under the summary table lists the fields that differ (dotted keys, ``target.dtype: float32 vs bfloat16``).
+  ``--merge-configs`` pools them in one row as before, and the note says which fields differ. ``--compare``
+  splits each side on its own and pairs rows by label.
 
 Definitions (a "prompt" is one ``ok`` record: one (dataset, prompt_id, turn) of one method):
 
@@ -21,10 +35,10 @@ Definitions (a "prompt" is one ``ok`` record: one (dataset, prompt_id, turn) of 
   ``idx = rng.integers(0, n, size=(resamples, n))``, the statistic on every row of ``idx`` (speedup: the mean
   of the log speedups), then ``numpy.percentile(values, [2.5, 97.5])`` (linear interpolation), exponentiated
   for the speedup. No interval with fewer than 2 prompts.
-- compare: per method, the B/A ratio of mean tokens/s and of tokens per target call. Records are paired by
-  (dataset, prompt_id, turn) (the last ok record of a key wins); with >= 2 pairs only the pairs count and
-  one index matrix resamples them, otherwise A and B are resampled independently (A's matrix drawn first,
-  then B's, from the same generator). "within noise" when the ratio's CI contains 1.
+- compare: per row (method or configuration), the B/A ratio of mean tokens/s and of tokens per target call.
+  Records are paired by (dataset, prompt_id, turn) (the last ok record of a key wins); with >= 2 pairs only
+  the pairs count and one index matrix resamples them, otherwise A and B are resampled independently (A's
+  matrix drawn first, then B's, from the same generator). "within noise" when the ratio's CI contains 1.
 """
 
 from __future__ import annotations
@@ -43,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from src.tools.check_results import UnreadableFileError, jsonl_lines, read_text
 
 PLOT_NAMES = ("speedup", "acceptance_per_position", "specexec_tree", "tokens_per_call_vs_tokens_per_s",
               "autojudge_accuracy")
@@ -63,16 +79,16 @@ class Loaded:
 
 
 def read_results(path: Path) -> Loaded:
+    """Raises UnreadableFileError for a binary or non-UTF-8 file: replacing its bytes would invent records."""
     loaded = Loaded(path)
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record, problem = _parse_line(line)
-            if problem:
-                loaded.malformed.append((line_number, problem))
-            else:
-                loaded.records.append(record | {"_file": str(path), "_line": line_number})
+    for line_number, line in enumerate(jsonl_lines(read_text(path)), start=1):
+        if not line.strip():
+            continue
+        record, problem = _parse_line(line)
+        if problem:
+            loaded.malformed.append((line_number, problem))
+        else:
+            loaded.records.append(record | {"_file": str(path), "_line": line_number})
     return loaded
 
 
@@ -87,6 +103,135 @@ def _parse_line(line: str) -> tuple[dict[str, Any] | None, str | None]:
         # without a method and a status the record cannot be placed in any row
         return None, "no method or no status 'ok'/'error'"
     return record, None
+
+
+# --- sections: duplicates dropped, configurations split --------------------------------------------------
+
+@dataclass
+class Config:
+    """One configuration (settings) of a method within a section."""
+
+    key: str  # fingerprint_id, or the derived signature of records written before fingerprints
+    fields: dict[str, Any]  # flattened settings ("target.dtype": "float32")
+    label: str = ""  # its row label: the method key, or "<method> #<n>" when the method is split
+    records: int = 0
+
+
+@dataclass
+class Section:
+    """The records of one report section (all files, or one side of --compare)."""
+
+    loaded: list[Loaded]
+    records: list[dict[str, Any]]  # deduplicated; "method" holds the row label
+    duplicate_lines: list[list[int]]  # per file of ``loaded``: lines of records counted once already
+    configs: dict[str, list[Config]]  # method key -> its configurations, first seen first
+    merged: bool  # --merge-configs: one row per method whatever its configurations
+
+
+def drop_duplicates(loaded: list[Loaded]) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """Records after the first with the same (run_id, resume_key, status) - a file appended twice, or the same
+    file passed twice - are dropped; returns (kept records, per file the lines dropped)."""
+    seen: set[tuple[str, str, str]] = set()
+    kept, dropped = [], []
+    for one in loaded:
+        dropped.append([])
+        for record in one.records:
+            identity = (record.get("run_id"), record.get("resume_key"), record["status"])
+            if not all(isinstance(part, str) for part in identity):
+                kept.append(record)  # without both ids a record cannot be told from a rerun: keep it
+            elif identity in seen:
+                dropped[-1].append(record["_line"])
+            else:
+                seen.add(identity)
+                kept.append(record)
+    return kept, dropped
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys (``{"target": {"dtype": x}}`` -> ``{"target.dtype": x}``); other values,
+    empty dicts included, are leaves."""
+    if not isinstance(value, dict) or not value:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _model_settings(info: Any) -> dict[str, Any] | None:
+    if not isinstance(info, dict):
+        return None
+    return {key: info.get(key) for key in ("name", "dtype", "quantization")}
+
+
+def settings_of(record: dict[str, Any], legacy: bool) -> tuple[str, dict[str, Any]]:
+    """(grouping key, flattened settings): the record's fingerprint, or with ``legacy`` (a method some of
+    whose records predate fingerprints) its params and the target's / draft's name, dtype and quantization."""
+    if legacy:
+        fields = flatten({"params": record.get("params"), "target": _model_settings(record.get("target")),
+                          "draft": _model_settings(record.get("draft"))})
+        return json.dumps(fields, sort_keys=True, default=str), fields
+    fingerprint = record.get("fingerprint") if isinstance(record.get("fingerprint"), dict) else {}
+    return record["fingerprint_id"], {"fingerprint_id": record["fingerprint_id"]} | flatten(fingerprint)
+
+
+def split_configs(records: list[dict[str, Any]], merge: bool) -> tuple[list, dict[str, list[Config]]]:
+    """Copies of ``records`` whose "method" is their configuration's row label, and method -> configs."""
+    # a method compares on what all its records carry: the fingerprint, unless one of them has none
+    legacy = {r["method"] for r in records if not isinstance(r.get("fingerprint_id"), str)}
+    configs: dict[str, dict[str, Config]] = {}
+    keys = []
+    for record in records:
+        key, fields = settings_of(record, record["method"] in legacy)
+        config = configs.setdefault(record["method"], {}).setdefault(key, Config(key, fields))
+        config.records += 1
+        keys.append(key)
+    for method, found in configs.items():
+        for number, config in enumerate(found.values(), start=1):
+            config.label = f"{method} #{number}" if len(found) > 1 and not merge else method
+    labelled = [r | {"method": configs[r["method"]][key].label} for r, key in zip(records, keys)]
+    return labelled, {method: list(found.values()) for method, found in configs.items()}
+
+
+def make_section(loaded: list[Loaded], merge: bool) -> Section:
+    kept, duplicate_lines = drop_duplicates(loaded)
+    records, configs = split_configs(kept, merge)
+    return Section(loaded, records, duplicate_lines, configs, merge)
+
+
+_ABSENT = object()  # a settings field one configuration lacks
+
+
+def _settings_value(value: Any, limit: int = 40) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def differing_fields(configs: list[Config]) -> list[str]:
+    """``field: value1 vs value2`` (configuration order) for each settings field that differs between them."""
+    lines = []
+    for key in dict.fromkeys(k for config in configs for k in config.fields):
+        values = [config.fields.get(key, _ABSENT) for config in configs]
+        # compared in full: the values shown are shortened
+        if len({None if v is _ABSENT else json.dumps(v, sort_keys=True, default=str) for v in values}) > 1:
+            lines.append(f"{key}: " + " vs ".join(_settings_value(v) for v in values))
+    return lines
+
+
+def duplicate_warning(section: Section) -> str | None:
+    pairs = [(one, lines) for one, lines in zip(section.loaded, section.duplicate_lines) if lines]
+    if not pairs:
+        return None
+    count = sum(len(lines) for _, lines in pairs)
+    listed = "; ".join(f"{one.path} lines {_line_list(lines)}" for one, lines in pairs)
+    return f"warning: {count} duplicated records (same run_id, resume_key) counted once: {listed}"
+
+
+def _line_list(lines: list[int]) -> str:
+    more = len(lines) - MAX_LISTED
+    return ", ".join(map(str, lines[:MAX_LISTED])) + (f" and {more} more" if more > 0 else "")
 
 
 # --- statistics ------------------------------------------------------------------------------------------
@@ -153,9 +298,15 @@ def _natural_key(text: str) -> list:
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text))]
 
 
+def method_of(label: str) -> str:
+    """The method key of a row label (``speculative #2`` -> ``speculative``; method keys hold no space)."""
+    return label.split(" #")[0]
+
+
 def method_order(records: list[dict[str, Any]]) -> list[str]:
-    """The baseline first (the reference), then the others in natural order (k=2 before k=16)."""
-    return sorted({r["method"] for r in records}, key=lambda m: (m != "baseline", _natural_key(m)))
+    """The baseline first (the reference), then the others in natural order (k=2 before k=16, #2 before
+    #10)."""
+    return sorted({r["method"] for r in records}, key=lambda m: (method_of(m) != "baseline", _natural_key(m)))
 
 
 def _category(record: dict[str, Any]) -> str:
@@ -238,12 +389,15 @@ def _system_row(run_id: str, records: list[dict[str, Any]]) -> list[str]:
             get("transformers"), get("lightning"), get("git_sha")[:12], span]
 
 
-def input_blocks(loaded: list[Loaded], level: int) -> list[Block]:
+def input_blocks(section: Section, level: int) -> list[Block]:
     items = []
-    for one in loaded:
+    for one, duplicates in zip(section.loaded, section.duplicate_lines):
         ok = sum(r["status"] == "ok" for r in one.records)
         text = (f"`{one.path}`: {len(one.records)} records ({ok} ok, {len(one.records) - ok} error), "
                 f"{len(one.malformed)} malformed line(s)")
+        if duplicates:
+            text += (f", {len(duplicates)} duplicated record(s) (same run_id, resume_key and status as an "
+                     f"earlier one) counted once: lines {_line_list(duplicates)}")
         if one.malformed:
             listed = "; ".join(f"line {n}: {why}" for n, why in one.malformed[:MAX_LISTED])
             more = len(one.malformed) - MAX_LISTED
@@ -252,15 +406,38 @@ def input_blocks(loaded: list[Loaded], level: int) -> list[Block]:
     return [("h", level, "Input"), ("list", items)]
 
 
-def summary_blocks(stats, level: int, seed: int, resamples: int) -> list[Block]:
+def summary_blocks(stats, section: Section, level: int, seed: int, resamples: int) -> list[Block]:
     legend = (f"prompts: ok records, one per (prompt, turn); tok/s: mean over prompts; speedup: geometric mean "
               f"of per-prompt speedups against the baseline, 95% percentile bootstrap CI over prompts "
               f"({resamples} resamples, seed {seed}); tok/call: tokens per target call (pooled); accept: "
               f"accepted / drafted tokens (pooled); = base: share of outputs equal to the baseline's; "
               f"accuracy: share of answer_correct; = base answer: share of final answers equal to the "
               f"baseline's on the same prompt (answer_matches_baseline); errors: error records; -: not applicable.")
-    return [("h", level, "Summary by method and category"), ("table", TABLE_HEADER, summary_rows(stats)),
-            ("p", legend)]
+    return ([("h", level, "Summary by method and category"), ("table", TABLE_HEADER, summary_rows(stats))]
+            + config_blocks(section) + [("p", legend)])
+
+
+def config_blocks(section: Section) -> list[Block]:
+    """What differs between the configurations of each method that has several (split or pooled)."""
+    several = {method: configs for method, configs in section.configs.items() if len(configs) > 1}
+    if not several:
+        return []
+    items = []
+    for method in sorted(several, key=_natural_key):
+        configs = several[method]
+        differences = "; ".join(differing_fields(configs))
+        if section.merged:
+            counts = " + ".join(str(c.records) for c in configs)
+            items.append(f"`{method}`: {len(configs)} configurations ({counts} records) pooled in one row "
+                         f"despite differing in {differences}")
+        else:
+            rows = ", ".join(f"{c.label} ({c.records} records)" for c in configs)
+            items.append(f"`{method}`: {rows} differ in {differences}")
+    note = ("Settings differ within a method: pooled by `--merge-configs`." if section.merged else
+            "Settings differ within a method: one row per configuration (#1, #2, ... in file order); "
+            "`--merge-configs` pools them.")
+    return [("p", note + " Fields compared: the records' fingerprint, or params and target/draft name, dtype "
+                  "and quantization for methods with records written before fingerprints."), ("list", items)]
 
 
 def error_blocks(records: list[dict[str, Any]], level: int) -> list[Block]:
@@ -423,9 +600,10 @@ def plot_autojudge(records: list[dict[str, Any]], stats) -> bytes | None:
     for threshold, x, accuracy, method in points:
         label = f"t={threshold:g}" if threshold is not None else method
         axes.annotate(label, (x, 100 * accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    baseline = stats.get(("baseline", "all"), {}).get("accuracy")
-    if baseline is not None:
-        axes.axhline(100 * baseline, color="grey", linestyle="--", label="baseline accuracy")
+    for method, category in stats:  # a baseline split into configurations draws one line per configuration
+        baseline = stats[method, category]["accuracy"]
+        if category == "all" and method_of(method) == "baseline" and baseline is not None:
+            axes.axhline(100 * baseline, color="grey", linestyle="--", label=f"{method} accuracy")
     axes.set_xlabel("tokens per target call")
     axes.set_ylabel("accuracy (%)")
     axes.set_title("AutoJudge: accuracy vs tokens per target call over thresholds")
@@ -515,10 +693,11 @@ def verdict(point: float | None, ci: tuple[float, float] | None) -> str:
     return "B higher" if ci[0] > 1.0 else "B lower"
 
 
-def comparison_blocks(a: list[dict[str, Any]], b: list[dict[str, Any]], level: int, seed: int,
+def comparison_blocks(a_section: Section, b_section: Section, level: int, seed: int,
                       resamples: int) -> list[Block]:
     header = ["method", "pairing", "tok/s A", "tok/s B", "B/A [95% CI]", "tok/s verdict", "tok/call A",
               "tok/call B", "B/A [95% CI]", "tok/call verdict"]
+    a, b = a_section.records, b_section.records
     a_methods, b_methods = set(method_order(a)), set(method_order(b))
     rows = []
     for method in method_order([r for r in a if r["method"] in b_methods]):
@@ -534,27 +713,37 @@ def comparison_blocks(a: list[dict[str, Any]], b: list[dict[str, Any]], level: i
     for side, only in (("A", a_methods - b_methods), ("B", b_methods - a_methods)):
         if only:
             blocks.append(("p", f"Only in {side}: " + ", ".join(sorted(only, key=_natural_key)) + "."))
+    if any(method_of(m) != m for m in a_methods | b_methods):
+        blocks.append(("p", "Rows `method #n` are configurations of a method split within one side; A and B "
+                            "pair by row label: each side's summary says which settings its configurations "
+                            "differ in."))
     return blocks
 
 
 # --- assembling and rendering ----------------------------------------------------------------------------
 
-def section_blocks(loaded: list[Loaded], level: int, prefix: str, seed: int, resamples: int) -> list[Block]:
-    records = [r for one in loaded for r in one.records]
+def section_blocks(section: Section, level: int, prefix: str, seed: int, resamples: int) -> list[Block]:
+    records = section.records
     stats = stats_by_method_category(records, seed, resamples)
-    return (system_blocks(records, level) + input_blocks(loaded, level) + summary_blocks(stats, level, seed, resamples)
-            + error_blocks(records, level) + plot_blocks(records, stats, level, prefix))
+    return (system_blocks(records, level) + input_blocks(section, level)
+            + summary_blocks(stats, section, level, seed, resamples) + error_blocks(records, level)
+            + plot_blocks(records, stats, level, prefix))
 
 
-def build_report(loaded: list[Loaded], compare: bool, seed: int, resamples: int) -> list[Block]:
+def build_report(sections: list[Section], compare: bool, seed: int, resamples: int) -> list[Block]:
+    """One section (all files merged), or with ``compare`` two (A, B) and their comparison."""
     if not compare:
-        intro = ("p", "Generated by `python -m src.report` from " + ", ".join(f"`{one.path}`" for one in loaded) + ".")
-        return [("h", 1, "sp-samp report"), intro] + section_blocks(loaded, 2, "", seed, resamples)
-    a, b = loaded
-    blocks: list[Block] = [("h", 1, "sp-samp report: A vs B"), ("p", f"A = `{a.path}`, B = `{b.path}`.")]
-    blocks += comparison_blocks(a.records, b.records, 2, seed, resamples)
-    for label, one in (("A", a), ("B", b)):
-        blocks += [("h", 2, f"{label}: {one.path}")] + section_blocks([one], 3, f"{label.lower()}_", seed, resamples)
+        (section,) = sections
+        paths = ", ".join(f"`{one.path}`" for one in section.loaded)
+        intro = ("p", f"Generated by `python -m src.report` from {paths}.")
+        return [("h", 1, "sp-samp report"), intro] + section_blocks(section, 2, "", seed, resamples)
+    a, b = sections
+    a_path, b_path = a.loaded[0].path, b.loaded[0].path
+    blocks: list[Block] = [("h", 1, "sp-samp report: A vs B"), ("p", f"A = `{a_path}`, B = `{b_path}`.")]
+    blocks += comparison_blocks(a, b, 2, seed, resamples)
+    for label, section in (("A", a), ("B", b)):
+        blocks += [("h", 2, f"{label}: {section.loaded[0].path}")]
+        blocks += section_blocks(section, 3, f"{label.lower()}_", seed, resamples)
     return blocks
 
 
@@ -641,6 +830,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare", action="store_true", help="two files: report each and their B/A ratios")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--merge-configs", action="store_true",
+                        help="pool the records of a method whose settings differ into one row (default: one "
+                             "row per configuration, labelled 'method #n')")
     return parser.parse_args(argv)
 
 
@@ -661,10 +853,18 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    loaded = [read_results(path) for path in args.paths]
+    try:
+        loaded = [read_results(path) for path in args.paths]
+    except UnreadableFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not any(one.records for one in loaded):
         print("warning: no usable record in the input; the report only counts malformed lines", file=sys.stderr)
-    blocks = build_report(loaded, args.compare, args.seed, args.bootstrap)
+    groups = [[one] for one in loaded] if args.compare else [loaded]  # duplicates count within a side only
+    sections = [make_section(group, args.merge_configs) for group in groups]
+    for warning in filter(None, map(duplicate_warning, sections)):
+        print(warning, file=sys.stderr)
+    blocks = build_report(sections, args.compare, args.seed, args.bootstrap)
     try:
         written = write_outputs(blocks, args.out)
     except OSError as error:

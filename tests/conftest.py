@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,53 @@ def chat_input_ids(tokenizer, text: str):
     from src.data.prompts import encode_messages
 
     return encode_messages(tokenizer, [{"role": "user", "content": text}], use_chat_template=True)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def write_tiny_predict_config(folder: Path, limit: int, new_tokens: int = 6) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer (fast, real chat template) and a predict config for it:
+    baseline + speculative (k=2, the same weights in bf16 as the draft), ``limit`` MT-Bench prompts. Returns the
+    config's path (``folder/tiny.yaml``)."""
+    _require_embedded()
+    from src.models.embedded import ensure_converted
+
+    cache = ensure_converted("embedded:smollm2-135m-instruct")  # ~17 s once; the tokenizer files are what we use
+    prompts = dataset_file("mt_bench.jsonl")
+    model_dir = folder / "tiny-llama"
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(model_dir)
+    for name in TOKENIZER_FILES:
+        if (cache / name).is_file():
+            shutil.copy(cache / name, model_dir / name)
+    path = folder / "tiny.yaml"
+    path.write_text(f"""\
+model:
+  class_path: src.lit.module.DecodingModule
+  init_args:
+    target: {{name_or_path: {json.dumps(str(model_dir))}, dtype: float32, device: cpu}}
+    draft: {{name_or_path: {json.dumps(str(model_dir))}, dtype: bfloat16, device: cpu}}
+    methods:
+      - class_path: src.decoding.baseline.Baseline
+      - class_path: src.decoding.speculative.SpeculativeSampling
+        init_args: {{k: 2}}
+    max_new_tokens: {new_tokens}
+    temperature: 0.0
+    warmup: false
+data:
+  class_path: src.lit.data.PromptDataModule
+  init_args: {{path: {json.dumps(str(prompts))}, limit: {limit}, chat_template: true}}
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+""")
+    return path

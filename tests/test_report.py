@@ -3,6 +3,7 @@ embeds them, errors and truncated lines are counted, compare mode tells a real d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -222,3 +223,168 @@ def test_compare_without_common_prompts_resamples_each_side(tmp_path):
     assert main([a, b, "--compare", "--out", str(out), "--bootstrap", "300"]) == 0
     row = table_row((out / "report.md").read_text(), "speculative", "unpaired 5/4")
     assert row[4].startswith(f"{31.5 / 12.0:.3f} [") and row[5] == "B higher"
+
+
+# --- settings: configurations split, duplicates, unreadable input -------------------------------------------
+
+def fingerprint(method: str = "speculative", **changes) -> dict:
+    """A run fingerprint as predict writes it; ``changes`` maps dotted keys to new values."""
+    fp = {"method": method, "params": {"k": 4, "max_new_tokens": 64},
+          "target": {"name_or_path": "t", "revision": None, "dtype": "float32", "quantization": "none"},
+          "draft": {"name_or_path": "d", "revision": None, "dtype": "float32", "quantization": "none"},
+          "prompt": {"chat_template": True, "chat_template_sha": "abc", "system_prompt": None,
+                     "max_prompt_tokens": None},
+          "files": {}}
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = fp
+        for parent in parents:
+            node = node[parent]
+        node[last] = value
+    return fp
+
+
+def fingerprinted(method: str, prompt_id: str, fp: dict, **overrides) -> dict:
+    fp_id = hashlib.sha1(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:10]
+    return ok_record(method, prompt_id, params=fp["params"], fingerprint=fp, fingerprint_id=fp_id,
+                     resume_key=f"mt_bench/{prompt_id}/1/{method}/{fp_id}", **overrides)
+
+
+def legacy(method: str, prompt_id: str, dtype: str, **overrides) -> dict:
+    """A record written before fingerprints: params plus target/draft info dicts."""
+    return ok_record(method, prompt_id, params={"k": 4}, resume_key=f"{prompt_id}/{method}/{dtype}",
+                     target={"name": "t", "dtype": dtype, "quantization": "none", "device": "cpu"},
+                     draft={"name": "d", "dtype": "float32", "quantization": "none"}, **overrides)
+
+
+def summary(markdown: str) -> str:
+    return markdown.split("## Summary by method and category")[1].split("\n## ")[0]
+
+
+def test_legacy_records_with_other_settings_get_their_own_rows(tmp_path):
+    records = [ok_record("baseline", str(i)) for i in range(3)]
+    records += [legacy("speculative", str(i), "float32", tokens_per_s=10.0 + i) for i in range(3)]
+    records += [legacy("speculative", str(i), "bfloat16", tokens_per_s=40.0) for i in range(2)]
+    out = tmp_path / "report"
+    assert main([write(tmp_path / "r.jsonl", records), "--out", str(out)]) == 0
+    md = summary((out / "report.md").read_text())
+    first, second = table_row(md, "speculative #1", "all"), table_row(md, "speculative #2", "all")
+    assert (first[2], first[3]) == ("3", "11.00") and (second[2], second[3]) == ("2", "40.00")
+    assert table_row(md, "baseline", "all")[2] == "3"  # one configuration: the plain method name
+    with pytest.raises(AssertionError):
+        table_row(md, "speculative", "all")
+    assert ("`speculative`: speculative #1 (3 records), speculative #2 (2 records) differ in "
+            "target.dtype: float32 vs bfloat16\n") in md
+    assert "target.device" not in md  # not a legacy settings field
+
+
+def test_merge_configs_pools_and_names_the_difference(tmp_path):
+    records = [legacy("speculative", str(i), "float32", tokens_per_s=10.0) for i in range(3)]
+    records += [legacy("speculative", str(i), "bfloat16", tokens_per_s=40.0) for i in range(2)]
+    out = tmp_path / "report"
+    assert main([write(tmp_path / "r.jsonl", records), "--out", str(out), "--merge-configs"]) == 0
+    md = summary((out / "report.md").read_text())
+    row = table_row(md, "speculative", "all")
+    assert (row[2], row[3]) == ("5", f"{(3 * 10 + 2 * 40) / 5:.2f}")
+    assert "#1" not in md.split("Settings differ")[0]
+    assert ("`speculative`: 2 configurations (3 + 2 records) pooled in one row despite differing in "
+            "target.dtype: float32 vs bfloat16") in md
+
+
+def test_fingerprints_decide_the_configurations(tmp_path):
+    base = fingerprint()
+    longer = fingerprint(**{"params.max_new_tokens": 128, "prompt.system_prompt": "Be brief."})
+    records = [fingerprinted("speculative", "1", base),
+               fingerprinted("speculative", "2", base, target={"name": "t", "dtype": "other"}),
+               fingerprinted("speculative", "1", longer), fingerprinted("speculative", "3", base)]
+    out = tmp_path / "report"
+    assert main([write(tmp_path / "r.jsonl", records), "--out", str(out)]) == 0
+    md = summary((out / "report.md").read_text())
+    # the target info dict differs on line 2 but its fingerprint is line 1's: same configuration
+    assert table_row(md, "speculative #1", "all")[2] == "3"
+    assert table_row(md, "speculative #2", "all")[2] == "1"
+    note = md.split("`speculative`: ")[1].splitlines()[0]
+    assert note.startswith("speculative #1 (3 records), speculative #2 (1 records) differ in "
+                           "fingerprint_id: ")
+    assert "; params.max_new_tokens: 64 vs 128; prompt.system_prompt: null vs Be brief." in note
+    assert "target" not in note
+
+
+def test_legacy_and_fingerprinted_records_of_one_method_compare_on_common_fields(tmp_path):
+    """A file resumed after the update: old records lack the fingerprint, the same settings are one row."""
+    new = fingerprinted("speculative", "2", fingerprint(**{"params": {"k": 4}}),
+                        target={"name": "t", "dtype": "float32", "quantization": "none"},
+                        draft={"name": "d", "dtype": "float32", "quantization": "none"})
+    records = [legacy("speculative", "1", "float32"), new, legacy("speculative", "3", "bfloat16")]
+    out = tmp_path / "report"
+    assert main([write(tmp_path / "r.jsonl", records), "--out", str(out)]) == 0
+    md = summary((out / "report.md").read_text())
+    assert table_row(md, "speculative #1", "all")[2] == "2"
+    assert table_row(md, "speculative #2", "all")[2] == "1"
+    assert "differ in target.dtype: float32 vs bfloat16\n" in md
+
+
+def test_compare_splits_each_side_and_pairs_rows_by_label(tmp_path):
+    a = [legacy("speculative", str(i), "float32", tokens_per_s=10.0) for i in range(3)]
+    a += [legacy("speculative", str(i), "bfloat16", tokens_per_s=20.0) for i in range(3)]
+    b = [legacy("speculative", str(i), "float32", tokens_per_s=30.0) for i in range(3)]
+    b += [legacy("speculative", str(i), "bfloat16", tokens_per_s=20.0) for i in range(3)]
+    b += [legacy("speculative", str(i), "float16", tokens_per_s=5.0) for i in range(2)]
+    out = tmp_path / "report"
+    paths = [write(tmp_path / "a.jsonl", a), write(tmp_path / "b.jsonl", b)]
+    assert main([*paths, "--compare", "--out", str(out), "--bootstrap", "200"]) == 0
+    md = (out / "report.md").read_text()
+    comparison = md.split("## Comparison: B / A")[1].split("\n## ")[0]
+    assert table_row(comparison, "speculative #1", "paired n=3")[4].startswith("3.000")
+    assert table_row(comparison, "speculative #2", "paired n=3")[4].startswith("1.000")
+    assert "Only in B: speculative #3." in comparison
+    assert "differ in target.dtype: float32 vs bfloat16 vs float16" in md.split("## B: ")[1]
+
+
+def test_duplicated_records_count_once_with_a_warning(tmp_path, capsys):
+    records = [legacy("speculative", str(i), "float32") for i in range(3)]
+    again = dict(records[0])
+    rerun = records[1] | {"run_id": "r2"}  # another run of the same key: a real record
+    # another status: a real record
+    failed = records[1] | {"status": "error", "error": error_record("speculative", "1")["error"]}
+    path = write(tmp_path / "r.jsonl", [*records, again, dict(records[2]), rerun, failed])
+    out = tmp_path / "report"
+    assert main([path, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: 2 duplicated records (same run_id, resume_key) counted once: {path} lines 4, 5\n" in err
+    md = (out / "report.md").read_text()
+    row = table_row(summary(md), "speculative", "all")
+    assert (row[2], row[10]) == ("4", "1")
+    assert "7 records (6 ok, 1 error), 0 malformed line(s), 2 duplicated record(s)" in md
+    assert "counted once: lines 4, 5" in md
+
+
+def test_the_same_file_twice_counts_once_but_compare_keeps_both_sides(tmp_path, capsys):
+    path = write(tmp_path / "r.jsonl", [legacy("speculative", str(i), "float32") for i in range(3)])
+    out = tmp_path / "report"
+    assert main([path, path, "--out", str(out)]) == 0
+    assert f"counted once: {path} lines 1, 2, 3\n" in capsys.readouterr().err
+    assert table_row(summary((out / "report.md").read_text()), "speculative", "all")[2] == "3"
+    assert main([path, path, "--compare", "--out", str(out), "--bootstrap", "100"]) == 0
+    assert "duplicated" not in capsys.readouterr().err
+    assert table_row((out / "report.md").read_text(), "speculative", "paired n=3")[4].startswith("1.000")
+
+
+@pytest.mark.parametrize("content", [PNG_SIGNATURE + b"\x00\x00\x00\rIHDR", b'{"method": "caf\xe9"}\n'],
+                         ids=["binary", "latin-1"])
+def test_binary_or_non_utf8_input_is_one_line_error(tmp_path, capsys, content):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    good = write(tmp_path / "good.jsonl", [ok_record("baseline", "1")])
+    for argv in ([str(bad)], [good, str(bad), "--compare"]):
+        assert main([*argv, "--out", str(tmp_path / "report")]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {bad} is not a UTF-8 text file (binary?): pass a results JSONL written by "
+                       "python -m src predict\n")
+    assert not (tmp_path / "report").exists()
+
+
+def test_directory_input_is_one_line_error(tmp_path, capsys):
+    assert main([str(tmp_path), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"results file {tmp_path} is not a file" in err

@@ -11,8 +11,9 @@ Formats (``format: auto`` detects them line by line):
 Sources:
 
 - a JSONL file in one of these formats;
-- a hub dataset (``hub:<name>[:<config>]``, split from ``split``), read through the ``datasets`` library when it
-  is installed; its rows go through the same parsers;
+- a hub dataset (``hub:<name>[:<config>]``, split from ``split``), read through the Hugging Face
+  ``datasets`` library when it is installed (``pip install -e '.[hub]'``; the repository's own ``datasets/``
+  folder does not hide it); its rows go through the same parsers;
 - a built-in generated task (``synthetic:arithmetic[:train|test]``, see :mod:`src.data.tasks`): seeded
   arithmetic word problems with known answers, no download needed.
 
@@ -22,8 +23,10 @@ A prompt's ``answer`` is its gold final answer (None when the source has none, e
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,12 +127,51 @@ def read_prompt_file(path: str | Path, fmt: PromptFormat = "auto", text_field: s
     return prompts
 
 
+def _is_hf_datasets(module: Any) -> bool:
+    return callable(getattr(module, "load_dataset", None))
+
+
+def _shadows_datasets(entry: str) -> bool:
+    """A ``sys.path`` entry holding a ``datasets/`` folder without ``__init__.py`` (a namespace package)."""
+    folder = Path(entry or ".") / "datasets"  # "" stands for the current directory
+    return folder.is_dir() and not (folder / "__init__.py").is_file()
+
+
+def _try_import_datasets() -> Any:
+    try:
+        return importlib.import_module("datasets")
+    except ImportError:
+        return None
+
+
+def import_hf_datasets(spec: str = "hub:...") -> Any:
+    """The Hugging Face ``datasets`` package, also when running from the repository root.
+
+    There the repository's own ``datasets/`` folder (prompt and result files, no ``__init__.py``) imports as
+    a namespace package and hides the library; this drops it and imports again without such folders on
+    ``sys.path`` (restored afterwards). Raises MissingInputError when the library is not installed.
+    """
+    module = _try_import_datasets()
+    if _is_hf_datasets(module):
+        return module
+    sys.modules.pop("datasets", None)  # the cached namespace package would be returned again
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in saved if not _shadows_datasets(entry)]
+    importlib.invalidate_caches()
+    try:
+        module = _try_import_datasets()
+    finally:
+        sys.path[:] = saved
+    if _is_hf_datasets(module):
+        return module
+    sys.modules.pop("datasets", None)  # whatever the retry found is not the library either
+    raise MissingInputError(f"reading {spec!r} needs the Hugging Face `datasets` package: "
+                            "pip install datasets (or pip install -e '.[hub]')")
+
+
 def read_hub_dataset(spec: str, split: str, fmt: PromptFormat, text_field: str) -> list[Prompt]:
     """``hub:<name>[:<config>]`` through the ``datasets`` library (needs network access to the hub)."""
-    try:
-        import datasets
-    except ImportError as error:
-        raise MissingInputError(f"reading {spec!r} needs the `datasets` package: pip install datasets") from error
+    datasets = import_hf_datasets(spec)
     name, _, config = spec[len(HUB_PREFIX):].partition(":")
     rows: Iterable[dict[str, Any]] = datasets.load_dataset(name, config or None, split=split)
     dataset = name.split("/")[-1]

@@ -71,7 +71,19 @@ def _load_tokenizer(source: str, gguf_file: str | None, spec: ModelSpec):
 def load_tokenizer(spec: ModelSpec):
     """The tokenizer alone (cheap): lets the tokenizer guard run before any weights load."""
     source, gguf_file = resolve_source(spec)
-    return _load_tokenizer(source, gguf_file, spec)
+    try:
+        return _load_tokenizer(source, gguf_file, spec)
+    except OSError as error:  # transformers' "not found on the hub / not cached / no connection"
+        raise _unreachable(spec, error) from error
+
+
+def _unreachable(spec: ModelSpec, error: OSError) -> MissingInputError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    name = spec.tokenizer or spec.name_or_path
+    return MissingInputError(
+        f"cannot load {name!r} ({first}): check the name and revision, or download it first "
+        f"(`hf download {name}`) and run offline with HF_HUB_OFFLINE=1"
+    )
 
 
 def _quantization_config(spec: ModelSpec):
@@ -145,7 +157,7 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
 
     source, gguf_file = resolve_source(spec)
     if tokenizer is None:
-        tokenizer = _load_tokenizer(source, gguf_file, spec)
+        tokenizer = load_tokenizer(spec)
     device = spec.device or default_device()
     if device == "cuda" and torch.cuda.is_available():
         # Under DDP Lightning has made each rank's own GPU current before ``setup`` loads the models: bind to it.
@@ -172,6 +184,8 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
         if gguf_file:
             raise _unsupported_gguf(error, f"{gguf_file} in {source}") from error
         raise
+    except OSError as error:
+        raise _unreachable(spec, error) from error
     if gguf_file:
         _clear_gguf_quantized_flag(model)
     model.eval().requires_grad_(False)

@@ -2,17 +2,24 @@
 
     python -m src.tools.check_results datasets/results.jsonl [--strict]
 
-Prints line-numbered problems and one summary line per method; exits 1 on any problem. ``--strict`` also
-checks cross-field consistency (counts add up, ratios match their parts, one ``ok`` record per resume key)
-and the method-specific and system fields.
+Prints line-numbered problems and one summary line per method; exits 1 on any problem, 2 when the file
+cannot be read as text (missing, a directory, binary or not UTF-8). ``--strict`` also checks cross-field
+consistency (counts add up, ratios match their parts, one ``ok`` record per resume key, a fingerprint that
+repeats the record's method and params, one fingerprint per ``fingerprint_id``) and the method-specific and
+system fields.
+
+``fingerprint`` (dict) and ``fingerprint_id`` (10 hex characters) are optional: files written before runs
+recorded their fingerprint lack both; a record with one of them needs the other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,13 @@ OK_FIELDS: dict[str, tuple] = {
     "first_divergence": (int, type(None)),
     "text": (str,),
 }
+OPTIONAL_FIELDS: dict[str, tuple] = {  # absent in files written before records carried a run fingerprint
+    "fingerprint": (dict,),
+    "fingerprint_id": (str,),
+}
+FINGERPRINT_KEYS = ("method", "params", "target", "draft", "prompt", "files")
+FINGERPRINT_ID = re.compile(r"[0-9a-f]{10}")
+NOT_TEXT = "is not a UTF-8 text file (binary?): pass a results JSONL written by python -m src predict"
 SYSTEM_FIELDS = ("git_sha", "hostname", "python", "torch", "transformers", "lightning", "device", "gpu_name",
                  "gpu_driver", "cuda", "cpu", "num_threads", "timestamp")
 METHOD_FIELDS = {
@@ -69,12 +83,14 @@ def check_record(record: dict[str, Any], strict: bool) -> list[str]:
     for name, types in fields.items():
         if name not in record:
             problems.append(f"missing field {name!r}")
-        elif isinstance(record[name], bool) and bool not in types:
-            problems.append(f"{name}={record[name]!r} should be {_type_names(types)}")
-        elif not isinstance(record[name], types):
-            problems.append(f"{name}={record[name]!r} should be {_type_names(types)}")
+        else:
+            problems += _check_type(record, name, types)
+    for name, types in OPTIONAL_FIELDS.items():
+        if name in record:
+            problems += _check_type(record, name, types)
     if problems:
         return problems
+    problems += _check_fingerprint(record, strict)
     status = record["status"]
     if status not in ("ok", "error"):
         return [f"status={status!r} should be 'ok' or 'error'"]
@@ -109,6 +125,34 @@ def check_record(record: dict[str, Any], strict: bool) -> list[str]:
     return problems
 
 
+def _check_type(record: dict[str, Any], name: str, types: tuple) -> list[str]:
+    value = record[name]
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        return [f"{name}={value!r} should be {_type_names(types)}"]
+    return []
+
+
+def _check_fingerprint(record: dict[str, Any], strict: bool) -> list[str]:
+    """Both fields or neither; strict: the fingerprint has its sections and repeats the method and params."""
+    if ("fingerprint" in record) != ("fingerprint_id" in record):
+        present, absent = sorted(("fingerprint", "fingerprint_id"), key=lambda name: name not in record)
+        return [f"{present} without {absent}: a record carries both or neither"]
+    if "fingerprint" not in record:
+        return []
+    problems = []
+    if not FINGERPRINT_ID.fullmatch(record["fingerprint_id"]):
+        problems.append(f"fingerprint_id={record['fingerprint_id']!r} should be 10 lowercase hex characters")
+    fingerprint = record["fingerprint"]
+    if strict:
+        missing = [k for k in FINGERPRINT_KEYS if k not in fingerprint]
+        if missing:
+            problems.append(f"fingerprint lacks {missing}")
+        for name in ("method", "params"):
+            if name in fingerprint and fingerprint[name] != record[name]:
+                problems.append(f"fingerprint.{name}={fingerprint[name]!r} != {name}={record[name]!r}")
+    return problems
+
+
 def _check_consistency(record: dict[str, Any]) -> list[str]:
     problems = []
     if record["accepted_tokens"] > record["drafted_tokens"]:
@@ -138,14 +182,72 @@ def _check_consistency(record: dict[str, Any]) -> list[str]:
     return problems
 
 
+class UnreadableFileError(Exception):
+    """A results file that cannot be read as text: the message is printed as one line, exit status 2."""
+
+
+def read_text(path: Path) -> str:
+    """The file decoded as UTF-8; raises UnreadableFileError for a missing, unreadable or binary file."""
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise UnreadableFileError(f"results file {path} {what}")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UnreadableFileError(f"cannot read {path} ({error.strerror})") from error
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    # JSON lines never hold a raw NUL (strings escape control characters): one means a binary file
+    if text is None or "\0" in text:
+        raise UnreadableFileError(f"{path} {NOT_TEXT}")
+    return text
+
+
+def jsonl_lines(text: str) -> list[str]:
+    # only "\n" ends a record: str.splitlines would also split at U+2028 or \x1c inside a JSON string
+    return text.split("\n")
+
+
+@dataclass
+class _Seen:
+    """What --strict remembers across lines."""
+
+    ok_keys: dict[str, int] = field(default_factory=dict)  # resume_key -> line of its ok record
+    by_id: dict[str, tuple[str, int]] = field(default_factory=dict)  # fingerprint_id -> (JSON, line)
+    by_fingerprint: dict[str, tuple[str, int]] = field(default_factory=dict)  # fingerprint JSON -> (id, line)
+
+
+def _check_across(record: dict[str, Any], line_number: int, seen: _Seen) -> list[str]:
+    problems = []
+    key = record.get("resume_key")
+    if record.get("status") == "ok" and isinstance(key, str):
+        if key in seen.ok_keys:
+            problems.append(f"resume_key {key!r} already ok on line {seen.ok_keys[key]}")
+        seen.ok_keys[key] = line_number
+    fingerprint_id, fingerprint = record.get("fingerprint_id"), record.get("fingerprint")
+    if isinstance(fingerprint_id, str) and isinstance(fingerprint, dict):
+        # the id names one configuration: one id per fingerprint and one fingerprint per id
+        text = json.dumps(fingerprint, sort_keys=True)
+        first_text, first_line = seen.by_id.setdefault(fingerprint_id, (text, line_number))
+        if first_text != text:
+            problems.append(f"fingerprint_id {fingerprint_id!r} has another fingerprint on line {first_line}")
+        first_id, first_line = seen.by_fingerprint.setdefault(text, (fingerprint_id, line_number))
+        if first_id != fingerprint_id:
+            problems.append(f"fingerprint_id {fingerprint_id!r}, but the same fingerprint on line "
+                            f"{first_line} has {first_id!r}")
+    return problems
+
+
 def check_file(path: Path, strict: bool) -> tuple[list[str], dict[str, dict[str, int]]]:
     problems: list[str] = []
     summary: dict[str, dict[str, int]] = defaultdict(lambda: {"ok": 0, "error": 0})
-    ok_keys: dict[str, int] = {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines:
+    seen = _Seen()
+    text = read_text(path)
+    if not text:
         problems.append(f"{path}: the file is empty")
-    for line_number, line in enumerate(lines, start=1):
+    for line_number, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -157,26 +259,24 @@ def check_file(path: Path, strict: bool) -> tuple[list[str], dict[str, dict[str,
             problems.append(f"{path}:{line_number}: a record must be a JSON object")
             continue
         problems += [f"{path}:{line_number}: {p}" for p in check_record(record, strict)]
-        method = record.get("method", "?")
-        status = record.get("status")
-        summary[method]["ok" if status == "ok" else "error"] += 1
-        if strict and status == "ok" and isinstance(record.get("resume_key"), str):
-            key = record["resume_key"]
-            if key in ok_keys:
-                problems.append(f"{path}:{line_number}: resume_key {key!r} already ok on line {ok_keys[key]}")
-            ok_keys[key] = line_number
+        method = record["method"] if isinstance(record.get("method"), str) else "?"
+        summary[method]["ok" if record.get("status") == "ok" else "error"] += 1
+        if strict:
+            problems += [f"{path}:{line_number}: {p}" for p in _check_across(record, line_number, seen)]
     return problems, dict(summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.tools.check_results", description=__doc__.split("\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m src.tools.check_results",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("path", type=Path, help="a results JSONL file")
     parser.add_argument("--strict", action="store_true", help="also check cross-field consistency")
     args = parser.parse_args(argv)
-    if not args.path.is_file():
-        print(f"error: results file {args.path} does not exist", file=sys.stderr)
-        return 1
-    problems, summary = check_file(args.path, args.strict)
+    try:
+        problems, summary = check_file(args.path, args.strict)
+    except UnreadableFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for problem in problems:
         print(problem)
     for method, counts in sorted(summary.items()):
