@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy import ToyLM
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from src.decoding.toy import ToyLM
 
 
 def build_tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:

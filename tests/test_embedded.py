@@ -31,7 +31,7 @@ def test_second_load_uses_the_cache(embedded_target, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the GGUF was converted again although a cached copy exists")
 
-    monkeypatch.setattr("src.models.loading.load_gguf_unquantized", no_conversion)
+    monkeypatch.setattr("src.models.embedded.load_gguf_unquantized", no_conversion)
     folder = embedded.ensure_converted("embedded:smollm2-135m-instruct")
     assert (folder / "model.safetensors").is_file()
     assert folder.parent.parent == embedded.cache_root()

@@ -7,11 +7,11 @@ from collections import Counter
 
 import pytest
 import torch
+from toy import ToyLM
 
 from src.decoding.baseline import Baseline
 from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
 from src.decoding.specexec import SpecExec
-from src.decoding.toy import ToyLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: one intra-op thread is much faster on 2 cores
 

@@ -13,10 +13,10 @@ from collections import Counter
 
 import pytest
 import torch
+from toy import ToyLM
 
 from src.decoding import Baseline, SpeculativeSampling
 from src.decoding.sampling import SamplingConfig, make_generator, sample
-from src.decoding.toy import ToyLM
 
 GREEDY = SamplingConfig()
 TOY_PROMPTS = [[1], [3, 4, 5], [7, 7, 7, 2, 19]]

@@ -8,16 +8,12 @@ import re
 
 import pytest
 
+from src.data.answers import ANSWER_EXTRACTORS, answers_match, extract_answer, last_number, normalize_number
 from src.data.tasks import (
-    ANSWER_EXTRACTORS,
     ANSWER_INSTRUCTION,
     ARITHMETIC_TEMPLATES,
-    answers_match,
     arithmetic_problems,
-    extract_answer,
     iter_arithmetic_problems,
-    last_number,
-    normalize_number,
     read_synthetic,
 )
 from src.errors import InvalidParameterError

@@ -6,11 +6,11 @@ from collections import defaultdict
 
 import pytest
 import torch
+from toy import ToyLM
 
 from src.decoding.base import model_logits
 from src.decoding.kv import keep_cache_positions, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs
-from src.decoding.toy import ToyLM
 
 SAMPLINGS = [SamplingConfig(), SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.7, top_p=0.9, top_k=8)]
 PREFIX = [3, 7, 1]

@@ -18,7 +18,7 @@ Sources:
   arithmetic word problems with known answers, no download needed.
 
 A prompt's ``answer`` is its gold final answer (None when the source has none, e.g. MT-Bench), checked with
-:func:`src.data.tasks.answers_match`.
+:func:`src.data.answers.answers_match`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from src.data.tasks import extract_answer, normalize_number
+from src.data.answers import extract_answer, normalize_number
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
 
 MT_BENCH_HINT = "`make setup` puts MT-Bench into datasets/mt_bench.jsonl"

@@ -1,113 +1,21 @@
-"""Tasks with a checkable final answer: answer extractors and a built-in arithmetic word-problem generator.
+"""Tasks with a checkable final answer: a built-in arithmetic word-problem generator.
 
 AutoJudge labels a draft/target mismatch *important* when it changes the final answer, so it needs prompts
-whose answer a program can check:
-
-- extractors (:data:`ANSWER_EXTRACTORS`, :func:`extract_answer`) pull the final number out of a generation;
-  :func:`answers_match` compares it with a prompt's gold ``answer`` after :func:`normalize_number`;
-- :func:`arithmetic_problems` draws seeded arithmetic word problems (answers in 0..999) so small models can
-  be evaluated with no download; ``synthetic:arithmetic[:train|test]`` reads them as a prompt source
-  (:func:`read_synthetic`).
-
-Pure Python: :class:`~src.data.prompts.Prompt` is imported inside the functions that build prompts, because
-:mod:`src.data.prompts` imports the extractors from here.
+whose answer a program can check (the extractors that read it live in :mod:`src.data.answers`):
+:func:`arithmetic_problems` draws seeded arithmetic word problems (answers in 0..999) so small models can be
+evaluated with no download; ``synthetic:arithmetic[:train|test]`` reads them as a prompt source
+(:func:`read_synthetic`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING
 
+from src.data.prompts import Prompt
 from src.errors import InvalidParameterError
-
-if TYPE_CHECKING:
-    from src.data.prompts import Prompt
-
-# ---- numbers and answer extraction ------------------------------------------------------------------------
-
-# An optional minus (not a hyphen inside a word or after a digit, so "5-3" reads as 5 and 3), an optional
-# dollar sign on either side of it, digits with well-formed thousands commas ("1,000", not "1,2"), decimals.
-_NUMBER = re.compile(r"(?:(?<![\w)])-\$?|\$-?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)
-
-
-def _canonical(number: str) -> str | None:
-    """``-$1,000.50`` -> ``-1000.5``: integers without a fraction, decimals without trailing zeros."""
-    try:
-        value = Decimal(number.replace(",", "").replace("$", ""))
-    except InvalidOperation:
-        return None
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def normalize_number(text: str | None) -> str | None:
-    """The canonical form of a number written alone (``"$1,000."`` -> ``"1000"``, ``"3.50"`` -> ``"3.5"``).
-
-    None when ``text`` is not exactly one number (surrounding spaces and one trailing period allowed), so a
-    gold answer that is not numeric is never compared as one.
-    """
-    if text is None:
-        return None
-    stripped = text.strip()
-    if stripped.endswith("."):
-        stripped = stripped[:-1].rstrip()
-    match = _NUMBER.fullmatch(stripped)
-    return _canonical(match.group()) if match else None
-
-
-def _first_number(text: str) -> str | None:
-    match = _NUMBER.search(text)
-    return _canonical(match.group()) if match else None
-
-
-def last_number(text: str) -> str | None:
-    """The last number in ``text`` (normalized); None when there is none."""
-    matches = _NUMBER.findall(text)
-    return _canonical(matches[-1]) if matches else None
-
-
-def gsm8k_answer(text: str) -> str | None:
-    """GSM8K style: the number after the last ``####``, else after the last "answer is" / "answer:", else
-    the last number (small models rarely keep the requested format, and the last number is usually the result).
-    """
-    if "####" in text:
-        found = _first_number(text.rsplit("####", 1)[1])
-        if found is not None:
-            return found
-    phrases = list(_ANSWER_PHRASE.finditer(text))
-    if phrases:
-        found = _first_number(text[phrases[-1].end():])
-        if found is not None:
-            return found
-    return last_number(text)
-
-
-ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
-    "gsm8k": gsm8k_answer,
-    "last_number": last_number,
-}
-
-
-def extract_answer(text: str, kind: str = "gsm8k") -> str | None:
-    """The final answer of a generation by the extractor ``kind`` (a key of :data:`ANSWER_EXTRACTORS`)."""
-    extractor = ANSWER_EXTRACTORS.get(kind)
-    if extractor is None:
-        raise InvalidParameterError(f"unknown answer extractor {kind!r}: use one of {sorted(ANSWER_EXTRACTORS)}")
-    return extractor(text)
-
-
-def answers_match(predicted: str | None, gold: str | None) -> bool:
-    """Numeric equality after normalization (``"1,000"`` matches ``"1000.0"``); a missing side never matches."""
-    left, right = normalize_number(predicted), normalize_number(gold)
-    return left is not None and right is not None and Decimal(left) == Decimal(right)
-
 
 # ---- synthetic arithmetic word problems -------------------------------------------------------------------
 
@@ -332,8 +240,6 @@ def arithmetic_prompt(problem: ArithmeticProblem, index: int, seed: int, split: 
     The seed is part of the id: results are resumed by (dataset, prompt id), and another seed draws other
     questions.
     """
-    from src.data.prompts import Prompt
-
     return Prompt(
         prompt_id=f"arith-s{seed}-{split}-{index}",
         category=problem.template,

@@ -19,11 +19,13 @@ d. **Compact** both KV caches to prefix + accepted path with :func:`keep_cache_p
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
+from src.decoding.drafters import Drafter, ModelDrafter
 from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, next_token
 from src.decoding.stats import Generation, GenerationStats, run_cycles
@@ -52,6 +54,10 @@ class SpecExec(DecodingMethod):
             accepted). None: the run's own q when sampling; under greedy decoding, where q is one-hot, 0.3
             (a greedy target takes the draft's argmax far more often than the raw softmax says, so a sharper
             score grows the likely path deeper). The tree never changes the output, only its length per call.
+        drafter: what proposes the tree: a draft model grown best-first as above (default, ``ModelDrafter``), or a
+            drafter with a tree form such as ``PromptLookup`` (its ``max_branches`` continuations become sibling
+            branches, capped by ``budget`` nodes and ``max_depth``; no draft model; the method key becomes
+            ``specexec+prompt_lookup``).
 
     Statistics: ``record_step(drafted, accepted)`` once per target verification, with
     ``drafted`` = the tree depth (the positions for which the tree offered some token; the analogue of the
@@ -64,9 +70,6 @@ class SpecExec(DecodingMethod):
     included, per verification forward), ``tree_size_mean`` and ``tree_depth_mean``.
     """
 
-    name = "specexec"
-    needs_draft = True
-
     def __init__(
         self,
         budget: int = 32,
@@ -75,6 +78,7 @@ class SpecExec(DecodingMethod):
         max_branch_width: int = 8,
         prune_threshold: float = 0.0,
         scoring_temperature: float | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
         for label, value in (
             ("budget", budget),
@@ -98,6 +102,21 @@ class SpecExec(DecodingMethod):
                 f"scoring_temperature={scoring_temperature!r} is invalid: use a value > 0 (e.g. 0.3), or null"
             )
         self.scoring_temperature = scoring_temperature
+        self.drafter = drafter if drafter is not None else ModelDrafter()
+        if not isinstance(self.drafter, ModelDrafter) and not hasattr(self.drafter, "continuations"):
+            raise InvalidParameterError(
+                f"drafter {self.drafter.name!r} has no tree form: use it with speculative sampling, or use "
+                "PromptLookup / the draft model with SpecExec"
+            )
+
+    @property
+    def name(self) -> str:
+        """``specexec`` with a draft model (existing results keep their method key), else ``specexec+<drafter>``."""
+        return "specexec" if isinstance(self.drafter, ModelDrafter) else f"specexec+{self.drafter.name}"
+
+    @property
+    def needs_draft(self) -> bool:
+        return self.drafter.needs_draft_model
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -109,6 +128,9 @@ class SpecExec(DecodingMethod):
         }
         if self.scoring_temperature is not None:  # only when set: earlier results keep their resume keys
             params["scoring_temperature"] = self.scoring_temperature
+        if not isinstance(self.drafter, ModelDrafter):  # the tree comes from the drafter: only these shape it
+            params = {"budget": self.budget, "max_depth": self.max_depth, "drafter": self.drafter.name,
+                      **self.drafter.params()}
         return params
 
     def scoring(self, sampling: SamplingConfig) -> SamplingConfig:
@@ -136,13 +158,13 @@ class SpecExec(DecodingMethod):
         generator: torch.Generator | None = None,
     ) -> Generation:
         check_generate_args(input_ids, max_new_tokens)
-        if draft is None:
+        if draft is None and self.needs_draft:
             raise InvalidParameterError(
                 "specexec needs a draft model: configure one, or use the baseline method"
             )
         device = input_ids.device  # the target's input device
-        draft_device = input_device(draft)
-        vocab = min(vocab_width(target), vocab_width(draft))
+        draft_device = input_device(draft) if draft is not None else device
+        vocab = min(vocab_width(target), vocab_width(draft)) if draft is not None else vocab_width(target)
         scoring = self.scoring(sampling)
         stop_tokens = frozenset(eos_token_ids)
         tree = DraftTree(self.tree_capacity(vocab))
@@ -157,9 +179,12 @@ class SpecExec(DecodingMethod):
             # A tree path of depth d yields at most d + 1 tokens: cap d by what may still be emitted.
             depth_cap = min(self.max_depth, max_new_tokens - len(tokens) - 1)
             tree.reset(committed[-1], depth_cap, stop_tokens)
-            slots, draft_forwards, generated = self._grow_tree(
-                draft, draft_cache, tree, committed, scoring, vocab, draft_device
-            )
+            if self.needs_draft:
+                slots, draft_forwards, generated = self._grow_tree(
+                    draft, draft_cache, tree, committed, scoring, vocab, draft_device
+                )
+            else:
+                slots, draft_forwards, generated = [], 0, self._branch_tree(tree, committed, depth_cap, vocab)
             nodes = tree.node_ids()  # n drafted nodes, in creation order
             logits = self._verify_tree(target, target_cache, tree, nodes, committed, vocab, device)  # (1 + n, V)
             emitted, accepted = self._walk_tree(tree, nodes, logits, sampling, generator, eos_token_ids)
@@ -235,6 +260,31 @@ class SpecExec(DecodingMethod):
             if not entered:
                 break  # every child of this round fell outside the best `budget`
         return slots, forwards, generated
+
+    def _branch_tree(self, tree: DraftTree, committed: list[int], depth_cap: int, vocab: int) -> int:
+        """The tree form of a deterministic drafter: its continuations of ``committed`` (best first) merged into a
+        trie under the root, at most ``budget`` nodes, cut after a stop token. Returns the nodes proposed.
+
+        Scores only order the branches (the k-th branch's first node scores log 1/k, deeper nodes follow it): a
+        later branch never displaces an earlier one's nodes, and exactness never depends on them.
+        """
+        children: dict[tuple[int, int], int] = {}
+        proposed = 0
+        for rank, branch in enumerate(self.drafter.continuations(committed, depth_cap)):
+            node = 0
+            for depth, token in enumerate(branch):
+                if token >= vocab or (node and tree.tokens[node] in tree.stop_tokens):
+                    break  # a token the target cannot score, or a path past an EOS
+                child = children.get((node, token))
+                if child is None:
+                    if proposed >= self.budget:  # nothing is pruned here: every proposed node is in the tree
+                        return proposed
+                    logq = -math.log(rank + 1) if depth == 0 else 0.0
+                    (child,), _ = tree.add_children([node], [[token]], [[logq]])
+                    children[(node, token)] = child
+                    proposed += 1
+                node = child
+        return proposed
 
     def _expand(
         self, tree: DraftTree, batch: list[int], logits: torch.Tensor, scoring: SamplingConfig

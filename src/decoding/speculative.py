@@ -38,13 +38,11 @@ from typing import Literal
 import torch
 
 from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
+from src.decoding.drafters import Drafter, ModelDrafter
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
 from src.decoding.stats import Generation, GenerationStats, run_cycles
 from src.errors import InvalidParameterError
-
-# Draft confidence under greedy decoding: the raw draft softmax (q itself is one-hot there).
-_GREEDY_CONFIDENCE = SamplingConfig(temperature=1.0)
 
 
 class SpeculativeSampling(DecodingMethod):
@@ -57,7 +55,10 @@ class SpeculativeSampling(DecodingMethod):
             otherwise, within [1, max_k] (HF's ``num_assistant_tokens_schedule="heuristic"``).
         max_k: the largest chain the heuristic schedule may reach.
         confidence_threshold: stop a chain once the draft's probability of its token is below this (0 never
-            stops early; HF's ``assistant_confidence_threshold``).
+            stops early; HF's ``assistant_confidence_threshold``). Draft-model drafters only.
+        drafter: what proposes the chain (:mod:`src.decoding.drafters`): a draft model (default,
+            ``ModelDrafter``) or ``PromptLookup`` (no draft model; the method key becomes
+            ``speculative+prompt_lookup``).
 
     Statistics: ``record_step(drafted, accepted)`` once per target verification, with ``drafted`` = the chain
     length of that cycle (0 for a plain target step) and ``accepted`` = how many of them the rule accepted (also
@@ -66,15 +67,13 @@ class SpeculativeSampling(DecodingMethod):
     ``draft_calls == drafted_tokens`` (the prompt goes into the first draft and target forwards).
     """
 
-    name = "speculative"
-    needs_draft = True
-
     def __init__(
         self,
         k: int = 4,
         schedule: Literal["constant", "heuristic"] = "constant",
         max_k: int = 16,
         confidence_threshold: float = 0.0,
+        drafter: Drafter | None = None,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidParameterError(f"k={k!r} is invalid: use k >= 1 draft tokens per target call")
@@ -86,10 +85,30 @@ class SpeculativeSampling(DecodingMethod):
             raise InvalidParameterError(
                 f"confidence_threshold={confidence_threshold!r} is outside [0, 1): use 0 to disable it or e.g. 0.4"
             )
+        self.drafter = drafter if drafter is not None else ModelDrafter()
+        if confidence_threshold and not self.drafter.needs_draft_model:
+            raise InvalidParameterError(
+                f"confidence_threshold={confidence_threshold} reads a draft model's probabilities, but the drafter is "
+                f"{self.drafter.name!r}: drop confidence_threshold"
+            )
+        if getattr(self.drafter, "max_branches", 1) != 1:
+            raise InvalidParameterError(
+                f"max_branches={self.drafter.max_branches} is a tree option, but speculative sampling verifies a "
+                "chain: drop max_branches, or use src.decoding.specexec.SpecExec with this drafter"
+            )
         self.k = k
         self.schedule = schedule
         self.max_k = max_k
         self.confidence_threshold = float(confidence_threshold)
+
+    @property
+    def name(self) -> str:
+        """``speculative`` with a draft model (existing results keep their method key), else ``speculative+<drafter>``."""
+        return "speculative" if isinstance(self.drafter, ModelDrafter) else f"speculative+{self.drafter.name}"
+
+    @property
+    def needs_draft(self) -> bool:
+        return self.drafter.needs_draft_model
 
     def params(self) -> dict[str, int | float | str]:
         params: dict[str, int | float | str] = {"k": self.k}
@@ -98,6 +117,8 @@ class SpeculativeSampling(DecodingMethod):
             params.update(schedule=self.schedule, max_k=self.max_k)
         if self.confidence_threshold:
             params["confidence_threshold"] = self.confidence_threshold
+        if not isinstance(self.drafter, ModelDrafter):
+            params.update(drafter=self.drafter.name, **self.drafter.params())
         return params
 
     def next_k(self, k: int, drafted: int, accepted: int) -> int:
@@ -118,38 +139,41 @@ class SpeculativeSampling(DecodingMethod):
         generator: torch.Generator | None = None,
     ) -> Generation:
         check_generate_args(input_ids, max_new_tokens)
-        if draft is None:
+        if draft is None and self.drafter.needs_draft_model:
             raise InvalidParameterError("draft=None: speculative sampling needs a draft model (set one in the model pair)")
         stats = GenerationStats()
-        target_cache, draft_cache = new_cache(), new_cache()
+        target_cache = new_cache()
         sequence: list[int] = input_ids[0].tolist()  # prompt + emitted tokens
         prompt_len = len(sequence)
         device = input_ids.device  # the target's input device (as in Baseline)
-        draft_device = input_device(draft)
-        vocab = min(vocab_width(target), vocab_width(draft))  # p and q live on the shared ids [0, vocab)
+        # p and q live on the shared ids [0, vocab): draft models of one family may pad their output differently
+        vocab = min(vocab_width(target), vocab_width(draft)) if draft is not None else vocab_width(target)
+        self.drafter.begin(draft, vocab, input_device(draft) if draft is not None else device)
         k = self.k  # this cycle's chain length (the schedule may change it)
 
         def cycle() -> None:
-            """Steps 1-4 once (the first cycle also encodes the prompt in both models)."""
+            """Steps 1-4 once (the first cycle also encodes the prompt in the target and a draft model)."""
             nonlocal k
             # Step 1: draft up to k tokens (a cycle emits at most k + 1: never draft what could not be emitted).
             k_step = min(k, max_new_tokens - (len(sequence) - prompt_len) - 1)
             committed = len(sequence)
-            drafts, q = self.draft_chain(draft, draft_cache, sequence, k_step, vocab, sampling, generator, draft_device)
-            stats.draft_calls += len(drafts)
+            proposal = self.drafter.propose(sequence, k_step, sampling, generator, self.confidence_threshold)
+            drafts = proposal.tokens
+            stats.draft_calls += proposal.forwards
             # Step 2: one target forward scores every drafted position (and encodes what it has not seen).
             p = self.verify(target, target_cache, sequence, drafts, vocab, sampling, device)
             stats.target_calls += 1
-            accepted, token = self.accept(drafts, p, q, sampling, generator)
+            accepted, token = self.accept(drafts, p, proposal.q, sampling, generator)
             stats.record_step(drafted=len(drafts), accepted=accepted)
             # Step 3: emit accepted drafts + the residual / bonus token, stopping right after an EOS.
             for new in [*drafts[:accepted].tolist(), token]:
                 sequence.append(new)
                 if new in eos_token_ids:
                     break
-            # Step 4: caches keep committed + accepted drafts; the newest token is fed next cycle.
+            # Step 4: the target cache and the drafter keep committed + accepted drafts; the newest token is fed
+            # next cycle.
             truncate_cache(target_cache, committed + accepted)
-            truncate_cache(draft_cache, committed + accepted)
+            self.drafter.commit(committed + accepted)
             k = self.next_k(k, len(drafts), accepted)
 
         def finished() -> bool:
@@ -162,52 +186,6 @@ class SpeculativeSampling(DecodingMethod):
         return Generation(tokens=tokens, stats=stats, stopped_by=stopped_by)
 
     # ---------------------------------------------------------------- stages
-
-    def draft_chain(
-        self,
-        draft,
-        cache,
-        sequence: list[int],
-        k: int,
-        vocab: int,
-        sampling: SamplingConfig,
-        generator: torch.Generator | None,
-        device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to k draft forwards: x_i ~ q_i; returns drafts (n,) long and q (n, vocab), n <= k (fewer when the
-        draft's confidence in x_i falls below ``confidence_threshold``). Under greedy decoding q is one-hot and the
-        acceptance rule needs only the tokens: q comes back empty, (0, vocab).
-
-        The first forward also feeds every committed token the draft cache has not seen yet.
-        """
-        drafts: list[torch.Tensor] = []  # (1,) each, left on the device: no host sync per draft token on a GPU
-        q_rows: list[torch.Tensor] = []
-        step_input = torch.tensor([sequence[cache_length(cache) :]], device=device)  # (1, m >= 1): the newest tokens
-        for _ in range(k):
-            logits = model_logits(draft, step_input, cache, logits_to_keep=1)[0, -1, :vocab]  # (vocab,)
-            if sampling.greedy:  # q is one-hot: the acceptance rule only needs the tokens
-                q_i = None
-                token = logits.argmax(-1, keepdim=True)  # (1,)
-            else:
-                q_i = logits_to_probs(logits, sampling)  # (vocab,)
-                token = sample(q_i[None], generator)  # (1,)
-                q_rows.append(q_i)
-            drafts.append(token)
-            step_input = token[None]  # (1, 1)
-            if self.confidence_threshold and self._confidence(logits, q_i, token, sampling) < self.confidence_threshold:
-                break  # the only per-token host sync, and only with a threshold
-        q = torch.stack(q_rows) if q_rows else torch.empty(0, vocab, device=device)  # (n, vocab); (0, vocab) greedy
-        tokens = torch.cat(drafts) if drafts else torch.empty(0, dtype=torch.long, device=device)  # (n,)
-        return tokens, q
-
-    @staticmethod
-    def _confidence(
-        logits: torch.Tensor, q_i: torch.Tensor | None, token: torch.Tensor, sampling: SamplingConfig
-    ) -> float:
-        """The draft's probability of its own token: q_i(x_i), or the raw softmax's under greedy decoding."""
-        if sampling.greedy:
-            return float(logits_to_probs(logits, _GREEDY_CONFIDENCE)[token])
-        return float(q_i[token])
 
     def verify(
         self,
@@ -229,17 +207,21 @@ class SpeculativeSampling(DecodingMethod):
         self,
         drafts: torch.Tensor,
         p: torch.Tensor,
-        q: torch.Tensor,
+        q: torch.Tensor | None,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> tuple[int, int]:
         """The acceptance rule: (number of drafts accepted, the token emitted after them).
 
-        drafts (k,), p (k + 1, vocab), q (k, vocab) (not read under greedy decoding).
+        drafts (k,), p (k + 1, vocab), q (k, vocab) (not read under greedy decoding; None: a deterministic
+        proposal, q one-hot at each draft, so x_i is accepted with probability p_i(x_i) and a rejection samples
+        from p_i with x_i removed).
         """
         k = drafts.numel()
         p = p.to(drafts.device)
-        q = q.to(drafts.device)
+        if q is None and not sampling.greedy:
+            q = torch.nn.functional.one_hot(drafts, p.shape[-1]).to(p.dtype)  # (k, vocab)
+        q = q.to(drafts.device) if q is not None else None
         if sampling.greedy:
             # Step 1 (greedy): p and q are one-hot, min(1, p/q) is 1 iff x_i == argmax p_i, and the residual
             # of a rejection (and the bonus) is the target argmax itself.

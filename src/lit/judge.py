@@ -47,7 +47,7 @@ class JudgeDataModule(PromptDataModule):
         mine_max_mismatches: labels per prompt at most.
         mine_time_budget_s: wall-time budget of the whole mining (prompts left are skipped; rerun to go on).
         store_dir: the label store; mined once, reused by later fits (delete it to mine again).
-        answer_extractor: how a final answer is read from a text (see ``src.data.tasks.ANSWER_EXTRACTORS``).
+        answer_extractor: how a final answer is read from a text (see ``src.data.answers.ANSWER_EXTRACTORS``).
         feature_layout: ``draft+target`` hidden states (the paper's default) or ``target`` only.
         val_fraction: share of *prompts* (never single tokens) held out for validation.
         batch_size: training batch size.
@@ -120,7 +120,7 @@ class JudgeDataModule(PromptDataModule):
         self._mine(module, todo, len(done))
 
     def _mine(self, module: DecodingModule, prompts, already: int) -> None:
-        from src.data.tasks import extract_answer
+        from src.data.answers import extract_answer
 
         pair, tokenizer = module.pair, module.pair.tokenizer
         deadline = time.monotonic() + self.mine_time_budget_s

@@ -228,7 +228,7 @@ class DecodingModule(L.LightningModule):
         gold = batch.get("answer")
         if gold is None and method.name != "autojudge":
             return {}
-        from src.data.tasks import answers_match, extract_answer
+        from src.data.answers import answers_match, extract_answer
 
         answer = extract_answer(text, batch.get("answer_extractor") or "gsm8k")
         return {"answer": answer, "answer_correct": None if gold is None else answers_match(answer, gold)}

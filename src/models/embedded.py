@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.errors import InvalidParameterError, MissingInputError
+from src.models.gguf import load_gguf_unquantized
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -80,8 +81,6 @@ def ensure_converted(name_or_path: str) -> Path:
     if (target_dir / "config.json").is_file() and (target_dir / "model.safetensors").is_file():
         return target_dir
     gguf_path = find_gguf(entry)
-    from src.models.loading import load_gguf_unquantized
-
     model, tokenizer = load_gguf_unquantized(gguf_path.parent, gguf_path.name)
     target_dir.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename, so a killed conversion never leaves a half cache.

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from src.errors import InvalidParameterError, MissingInputError
+from src.errors import MissingInputError
 from src.models.embedded import ensure_converted, is_embedded
+from src.models.gguf import clear_gguf_quantized_flag, unsupported_gguf
 from src.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -100,31 +101,6 @@ def _quantization_config(spec: ModelSpec):
     )
 
 
-def _clear_gguf_quantized_flag(model) -> None:
-    """A GGUF-loaded model is flagged as quantized (refusing save_pretrained) although its weights are plain."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
-def _unsupported_gguf(error: Exception, where: str) -> Exception:
-    return InvalidParameterError(f"transformers cannot load the GGUF {where}: {error} (convert it to safetensors first)")
-
-
-def load_gguf_unquantized(folder: Path | str, gguf_file: str, dtype: torch.dtype = torch.float32):
-    """Dequantize a GGUF into a plain transformers model (+ its tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
-    except (ValueError, KeyError, NotImplementedError) as error:
-        raise _unsupported_gguf(error, f"{Path(folder) / gguf_file}") from error
-    _clear_gguf_quantized_flag(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    return model, tokenizer
-
-
 def _make_resident(model) -> None:
     """Copy memory-mapped CPU weights into ordinary memory.
 
@@ -182,12 +158,12 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (ValueError, KeyError, NotImplementedError) as error:
         if gguf_file:
-            raise _unsupported_gguf(error, f"{gguf_file} in {source}") from error
+            raise unsupported_gguf(error, f"{gguf_file} in {source}") from error
         raise
     except OSError as error:
         raise _unreachable(spec, error) from error
     if gguf_file:
-        _clear_gguf_quantized_flag(model)
+        clear_gguf_quantized_flag(model)
     model.eval().requires_grad_(False)
     _make_resident(model)
     first = next(model.parameters())
