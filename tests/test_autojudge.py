@@ -78,8 +78,9 @@ def test_greedy_continue_with_a_guess_is_exact(noisy_pair):
         tokens, hidden, _ = greedy_continue(target, PROMPT, 24, EOS, guess=guess)
         assert tokens == plain, f"guess {guess[:8]}..."
         assert hidden.shape == (64,)
-    assert greedy_continue(target, PROMPT, 24, EOS, guess=plain)[2] == 1  # a right guess is verified in one forward
-    assert greedy_continue(target, PROMPT, 24, EOS)[2] == 23  # no guess: one forward per token after the first
+    # a right guess is verified in the forward that encodes the prefix; no guess: one forward per token
+    assert greedy_continue(target, PROMPT, 24, EOS, guess=plain)[2] == 1
+    assert greedy_continue(target, PROMPT, 24, EOS)[2] == 24
     shifted = [7] + plain[:10] + plain[12:]  # the output re-appears in the guess at another offset
     assert greedy_continue(target, PROMPT, 24, EOS, guess=shifted)[0] == plain
 

@@ -38,7 +38,9 @@ from typing import Any
 
 import torch
 
-from src.decoding.base import input_device, model_logits_and_hidden
+from src.decoding.base import input_device, model_logits_and_hidden, vocab_width
+from src.decoding.chain import chain_cycle, greedy_rule
+from src.decoding.drafters import Drafter, Proposal
 from src.decoding.kv import new_cache, truncate_cache
 from src.errors import IncompatibleModelsError, MalformedInputError
 
@@ -64,7 +66,7 @@ class MinedPrompt:
     final_answer_tokens: list[int]
     mismatches: list[Mismatch] = field(default_factory=list)
     stopped_by: str = "no_mismatch"  # or "max_mismatches", "deadline", "no_answer", "unfinished"
-    target_forwards: int = 0  # target forwards of the greedy decodes, prefills excluded
+    target_forwards: int = 0  # target forwards of the greedy decodes (each first one also encodes its prefix)
 
 
 # ---------------------------------------------------------------- target side
@@ -91,51 +93,65 @@ def lookup_chunk(tokens: list[int], guess: list[int], budget: int) -> list[int]:
     return []
 
 
+class GuessLookup(Drafter):
+    """A drafter that proposes from a guessed text (:func:`lookup_chunk`): no model, deterministic."""
+
+    name = "guess_lookup"
+
+    def __init__(self, guess: list[int], prefix_len: int) -> None:
+        self.guess, self.prefix_len = list(guess), prefix_len
+
+    def begin(self, draft_model, vocab: int, device: torch.device) -> None:
+        self.vocab, self.device = vocab, device
+
+    def propose(self, sequence, k, sampling, generator, stop_below=0.0) -> Proposal:
+        chunk = [t for t in lookup_chunk(sequence[self.prefix_len :], self.guess, k)[:k] if t < self.vocab]
+        return Proposal(torch.tensor(chunk, dtype=torch.long, device=self.device), q=None, forwards=0)
+
+
 @torch.inference_mode()
 def greedy_continue(
     model, prefix: list[int], max_new_tokens: int, eos_token_ids: set[int], guess: list[int] = ()
 ) -> tuple[list[int], torch.Tensor, int]:
-    """Greedy continuation of ``prefix``: (new tokens, hidden state (H,) at the last prefix token, forwards after
-    the prefill).
+    """Greedy continuation of ``prefix``: (new tokens, hidden state (H,) at the last prefix token, target forwards).
 
-    Each forward verifies a chunk guessed from ``guess`` (:func:`lookup_chunk`) along with the newest token; a
-    guessed token is kept only while it equals the argmax, so the output is exactly the greedy one.
+    Chain cycles (:mod:`src.decoding.chain`) whose drafts are guessed from ``guess`` (:func:`lookup_chunk`); a
+    guessed token is kept only while it equals the argmax, so the output is exactly the greedy one. The first
+    forward encodes the prefix and already verifies the guess's head: a right guess costs one forward.
     """
     device = input_device(model)
     cache = new_cache()
-    logits, hidden = model_logits_and_hidden(model, torch.tensor([prefix], device=device), cache)
-    prefix_hidden = hidden[0, -1]
-    tokens = [int(logits[0, -1].argmax())]
+    sequence = list(prefix)
+    drafter = GuessLookup(guess, len(prefix))
+    vocab = vocab_width(model)
+    drafter.begin(None, vocab, device)
     forwards = 0
-    guess = list(guess)
-    while len(tokens) < max_new_tokens and tokens[-1] not in eos_token_ids:
-        chunk = lookup_chunk(tokens, guess, max_new_tokens - len(tokens))
-        logits, _ = model_logits_and_hidden(model, torch.tensor([tokens[-1:] + chunk], device=device), cache)
+    prefix_hidden = None
+    while len(sequence) - len(prefix) < max_new_tokens and (forwards == 0 or sequence[-1] not in eos_token_ids):
+        budget = max_new_tokens - (len(sequence) - len(prefix)) - 1
+        done = chain_cycle(model, cache, drafter, sequence, budget, vocab, greedy_rule, eos_token_ids,
+                           with_hidden=forwards == 0)
+        if forwards == 0:
+            prefix_hidden = done.verified.hidden[0]  # row 0: the state reading the last prefix token
         forwards += 1
-        predicted = logits[0].argmax(-1).tolist()  # (len(chunk) + 1,)
-        agree = next((j for j, (c, p) in enumerate(zip(chunk, predicted)) if c != p), len(chunk))
-        for new in chunk[:agree] + [predicted[agree]]:
-            if len(tokens) >= max_new_tokens:
-                break
-            tokens.append(new)
-            if new in eos_token_ids:
-                break
-        truncate_cache(cache, len(prefix) + len(tokens) - 1)  # everything but the newest token
-    return tokens, prefix_hidden, forwards
+    return sequence[len(prefix) :], prefix_hidden, forwards
 
 
 # ---------------------------------------------------------------- draft side
 
 
 @torch.inference_mode()
-def draft_disagreements(draft, prompt: list[int], answer: list[int]) -> tuple[list[int], object]:
-    """Teacher-force the draft over prompt + answer: its argmax for every answer position (len(answer),), and the
-    cache holding prompt + answer."""
+def draft_disagreements(
+    draft, prompt: list[int], answer: list[int], vocab: int | None = None
+) -> tuple[list[int], object]:
+    """Teacher-force the draft over prompt + answer: its argmax for every answer position (len(answer),), among the
+    ids ``[0, vocab)`` the target can also read (None: all of the draft's), and the cache holding prompt + answer."""
     cache = new_cache()
     device = input_device(draft)
     logits, _ = model_logits_and_hidden(draft, torch.tensor([prompt + answer], device=device), cache)
     # The logit row at prompt position len(prompt) - 1 + i predicts answer[i].
-    return logits[0, len(prompt) - 1 : len(prompt) - 1 + len(answer)].argmax(-1).tolist(), cache
+    rows = logits[0, len(prompt) - 1 : len(prompt) - 1 + len(answer), :vocab]
+    return rows.argmax(-1).tolist(), cache
 
 
 @torch.inference_mode()
@@ -176,6 +192,7 @@ def mine_prompt(
         result.stopped_by = "no_answer"
         return result
     left_border = 0
+    shared_vocab = min(vocab_width(target), vocab_width(draft))  # a padded draft id must never reach the target
     while True:
         if len(result.mismatches) >= max_mismatches:
             result.stopped_by = "max_mismatches"
@@ -184,7 +201,7 @@ def mine_prompt(
             result.stopped_by = "deadline"
             break
         # Step 2: the first position >= left_border where the teacher-forced draft disagrees with R.
-        predicted, draft_cache = draft_disagreements(draft, prompt, answer)
+        predicted, draft_cache = draft_disagreements(draft, prompt, answer, shared_vocab)
         pos = next((i for i in range(left_border, len(answer)) if predicted[i] != answer[i]), None)
         if pos is None:
             result.stopped_by = "no_mismatch"

@@ -10,8 +10,9 @@ Greedy, as in the paper. Each cycle:
             "judge-accepted" token) and go on, else emit t_i and end the cycle;
     Step 4  all k kept -> also emit the bonus t_{k+1} (the target already conditioned on the kept drafts).
 
-With a judge that never lets anything through, the output is exactly greedy speculative decoding's (and the
-target's greedy output). Per cycle we also count what exact speculative decoding would have accepted (the
+The cycle is the chain cycle of :mod:`src.decoding.chain` (shared with speculative sampling and label mining):
+only the decision at a mismatch differs. With a judge that never lets anything through, the output is exactly
+greedy speculative decoding's (and the target's greedy output). Per cycle we also count what exact speculative decoding would have accepted (the
 leading exact matches), so records show the judge's gain on the same cycles.
 """
 
@@ -21,8 +22,10 @@ from typing import Any
 
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits_and_hidden
-from src.decoding.kv import cache_length, new_cache, truncate_cache
+from src.decoding.base import DecodingMethod, check_generate_args, input_device, vocab_width
+from src.decoding.chain import Verified, chain_cycle
+from src.decoding.drafters import ModelDrafter, Proposal
+from src.decoding.kv import new_cache
 from src.decoding.sampling import SamplingConfig
 from src.decoding.stats import Generation, GenerationStats, run_cycles
 from src.errors import InvalidParameterError
@@ -90,29 +93,31 @@ class AutoJudge(DecodingMethod):
             raise InvalidParameterError("autojudge needs a draft model and a loaded judge (prepare() loads it)")
         stats = GenerationStats()
         stats.extra.update(judge_accepted=0, exact_accepted_tokens=0)
-        device, draft_device = input_ids.device, input_device(draft)
-        target_cache, draft_cache = new_cache(), new_cache()
+        device = input_ids.device
+        vocab = min(vocab_width(target), vocab_width(draft))  # argmaxes on the shared ids only (see chain.py)
+        drafter = ModelDrafter(hidden_states=True)  # the judge reads the draft's state at each drafted token
+        drafter.begin(draft, vocab, input_device(draft))
+        target_cache = new_cache()
         sequence: list[int] = input_ids[0].tolist()
         prompt_len = len(sequence)
 
-        def cycle() -> None:
-            """Steps 1-4 once (the first cycle also encodes the prompt in both models: no separate prefill)."""
-            k_step = min(self.k, max_new_tokens - (len(sequence) - prompt_len) - 1)
-            committed = len(sequence)
-            drafts, draft_hidden = self.draft_chain(draft, draft_cache, sequence, k_step, draft_device)
-            stats.draft_calls += k_step + (k_step > 0)
-            target_choice, target_hidden = self.verify(target, target_cache, sequence, drafts, device)
-            stats.target_calls += 1
-            kept, token, judged, exact = self.judge_cycle(drafts, target_choice, draft_hidden, target_hidden)
-            stats.record_step(drafted=k_step, accepted=kept)
+        def rule(proposal: Proposal, verified: Verified) -> tuple[int, int]:
+            """Steps 3-4: the judge decides at each mismatch (counts go to the stats)."""
+            kept, token, judged, exact = self.judge_cycle(
+                proposal.tokens.tolist(), verified.logits.argmax(-1), proposal.hidden, verified.hidden[1:]
+            )
             stats.extra["judge_accepted"] += judged
             stats.extra["exact_accepted_tokens"] += exact
-            for new in [*drafts[:kept], token]:
-                sequence.append(new)
-                if new in eos_token_ids:
-                    break
-            truncate_cache(target_cache, committed + kept)
-            truncate_cache(draft_cache, committed + kept)
+            return kept, token
+
+        def cycle() -> None:
+            """Steps 1-4 once, as a chain cycle (src.decoding.chain; the first one also encodes the prompt)."""
+            k_step = min(self.k, max_new_tokens - (len(sequence) - prompt_len) - 1)
+            done = chain_cycle(target, target_cache, drafter, sequence, k_step, vocab, rule, eos_token_ids,
+                               with_hidden=True)
+            stats.draft_calls += done.proposal.forwards
+            stats.target_calls += 1
+            stats.record_step(drafted=k_step, accepted=done.accepted)
 
         def finished() -> bool:
             return len(sequence) - prompt_len >= max_new_tokens or sequence[-1] in eos_token_ids
@@ -126,32 +131,6 @@ class AutoJudge(DecodingMethod):
         return Generation(tokens=tokens, stats=stats, stopped_by="eos" if tokens[-1] in eos_token_ids else "max_new_tokens")
 
     # ---------------------------------------------------------------- stages
-
-    def draft_chain(self, draft, cache, sequence: list[int], k: int, device) -> tuple[list[int], torch.Tensor]:
-        """Step 1: k greedy draft tokens and the draft's hidden state at each of them: list (k,), (k, Hd).
-
-        The hidden state of d_i comes out of the forward that *reads* d_i, so d_k is fed once more.
-        """
-        drafts: list[int] = []
-        hidden_rows: list[torch.Tensor] = []
-        step_input = sequence[cache_length(cache) :]
-        for i in range(k + 1 if k else 0):
-            logits, hidden = model_logits_and_hidden(draft, torch.tensor([step_input], device=device), cache, logits_to_keep=1)
-            if i > 0:
-                hidden_rows.append(hidden[0, -1])
-            if i == k:
-                break
-            drafts.append(int(logits[0, -1].argmax()))
-            step_input = drafts[-1:]
-        rows = torch.stack(hidden_rows) if hidden_rows else torch.empty(0, 0)
-        return drafts, rows
-
-    def verify(self, target, cache, sequence: list[int], drafts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 2: one target forward over unseen tokens + drafts -> argmax t (k + 1,), hidden at d_i (k, Ht)."""
-        step_input = torch.tensor([sequence[cache_length(cache) :] + drafts], device=device)
-        k = len(drafts)
-        logits, hidden = model_logits_and_hidden(target, step_input, cache, logits_to_keep=k + 1)
-        return logits[0, -(k + 1) :].argmax(-1), hidden[0, hidden.shape[1] - k :]
 
     def judge_cycle(
         self, drafts: list[int], target_choice: torch.Tensor, draft_hidden: torch.Tensor, target_hidden: torch.Tensor

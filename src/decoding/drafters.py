@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from src.decoding.base import model_logits
+from src.decoding.base import model_logits, model_logits_and_hidden
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
 from src.errors import InvalidParameterError
@@ -39,11 +39,13 @@ _GREEDY_CONFIDENCE = SamplingConfig(temperature=1.0)
 class Proposal:
     """A drafted chain: ``tokens`` (n,) long; ``q`` (n, vocab) the distribution each was drawn from, or None for a
     deterministic proposal (one-hot q; also under greedy decoding, where no verifier reads q); ``forwards``: draft
-    model forwards spent on it (0 for a lookup)."""
+    model forwards spent on it (0 for a lookup); ``hidden`` (n, H): the draft's final-norm hidden state reading
+    each drafted token, when the drafter was asked for them (AutoJudge's features)."""
 
     tokens: torch.Tensor
     q: torch.Tensor | None
     forwards: int
+    hidden: torch.Tensor | None = None
 
 
 class Drafter(ABC):
@@ -82,10 +84,17 @@ class ModelDrafter(Drafter):
 
     The first forward of a proposal also feeds every committed token the draft cache has not seen yet (the whole
     prompt in the first cycle, then the newest token, plus the last draft token after a fully accepted chain).
+
+    Args:
+        hidden_states: also return the draft's hidden state reading each drafted token. The state of x_i comes
+            out of the forward that reads x_i, so a chain of n tokens costs n + 1 forwards (AutoJudge).
     """
 
     name = "draft_model"
     needs_draft_model = True
+
+    def __init__(self, hidden_states: bool = False) -> None:
+        self.hidden_states = hidden_states
 
     def begin(self, draft_model, vocab: int, device: torch.device) -> None:
         if draft_model is None:
@@ -97,9 +106,10 @@ class ModelDrafter(Drafter):
         """k draft forwards (fewer when the confidence falls below ``stop_below``); q (n, vocab) when sampling."""
         drafts: list[torch.Tensor] = []  # (1,) each, left on the device: no host sync per draft token on a GPU
         q_rows: list[torch.Tensor] = []
+        hidden_rows: list[torch.Tensor] = []
         step_input = torch.tensor([sequence[cache_length(self.cache) :]], device=self.device)  # (1, m >= 1)
         for _ in range(k):
-            logits = model_logits(self.model, step_input, self.cache, logits_to_keep=1)[0, -1, : self.vocab]  # (V,)
+            logits = self._forward(step_input, hidden_rows)[: self.vocab]  # (V,)
             if sampling.greedy:  # q is one-hot: the acceptance rule only needs the tokens
                 q_i = None
                 token = logits.argmax(-1, keepdim=True)  # (1,)
@@ -111,9 +121,24 @@ class ModelDrafter(Drafter):
             step_input = token[None]  # (1, 1)
             if stop_below and _confidence(logits, q_i, token, sampling) < stop_below:
                 break  # the only per-token host sync, and only with a threshold
+        forwards = len(drafts)
+        hidden = None
+        if self.hidden_states:
+            if drafts:  # the state reading the last draft token needs one more forward
+                self._forward(step_input, hidden_rows)
+                forwards += 1
+            hidden = torch.stack(hidden_rows[1:]) if drafts else torch.empty(0, 0)  # (n, H)
         tokens = torch.cat(drafts) if drafts else torch.empty(0, dtype=torch.long, device=self.device)  # (n,)
         q = torch.stack(q_rows) if q_rows else None  # (n, V)
-        return Proposal(tokens, q, forwards=len(drafts))
+        return Proposal(tokens, q, forwards, hidden)
+
+    def _forward(self, step_input: torch.Tensor, hidden_rows: list[torch.Tensor]) -> torch.Tensor:
+        """One draft forward; returns the last row's logits (V_draft,) and records its hidden state if asked."""
+        if not self.hidden_states:
+            return model_logits(self.model, step_input, self.cache, logits_to_keep=1)[0, -1]
+        logits, hidden = model_logits_and_hidden(self.model, step_input, self.cache, logits_to_keep=1)
+        hidden_rows.append(hidden[0, -1])
+        return logits[0, -1]
 
     def commit(self, length: int) -> None:
         truncate_cache(self.cache, length)

@@ -25,10 +25,10 @@ The prompt is not prefilled on its own: the first cycle feeds it to both models,
 chain right after it and the target's first forward both encodes the prompt and verifies that chain (as HF
 assisted generation does), which saves one target forward per generation.
 
-Cache bookkeeping: ``sequence`` holds prompt + emitted tokens. Each model's cache holds a prefix of it; the
-tokens after that prefix (the whole prompt at first, then the newest token, plus the last draft token when a
-whole chain was accepted) are fed at the start of the next forward. After a verification both caches are cut
-back to the committed tokens with :func:`src.decoding.kv.truncate_cache`.
+The cycle itself (propose, verify, decide, commit, and the cache bookkeeping) is :func:`src.decoding.chain.
+chain_cycle`, shared with AutoJudge and its label mining; this file holds the acceptance rule and the schedule.
+What proposes the chain is a drafter (:mod:`src.decoding.drafters`): a draft model by default, or prompt lookup,
+whose deterministic proposals have a one-hot q.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from typing import Literal
 
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
-from src.decoding.drafters import Drafter, ModelDrafter
-from src.decoding.kv import cache_length, new_cache, truncate_cache
+from src.decoding.base import DecodingMethod, check_generate_args, input_device, vocab_width
+from src.decoding.chain import Verified, chain_cycle
+from src.decoding.drafters import Drafter, ModelDrafter, Proposal
+from src.decoding.kv import new_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
 from src.decoding.stats import Generation, GenerationStats, run_cycles
 from src.errors import InvalidParameterError
@@ -151,30 +152,22 @@ class SpeculativeSampling(DecodingMethod):
         self.drafter.begin(draft, vocab, input_device(draft) if draft is not None else device)
         k = self.k  # this cycle's chain length (the schedule may change it)
 
+        def rule(proposal: Proposal, verified: Verified) -> tuple[int, int]:
+            p = logits_to_probs(verified.logits, sampling)  # (n + 1, vocab)
+            return self.accept(proposal.tokens, p, proposal.q, sampling, generator)
+
         def cycle() -> None:
-            """Steps 1-4 once (the first cycle also encodes the prompt in the target and a draft model)."""
+            """One chain cycle (src.decoding.chain; the first one also encodes the prompt)."""
             nonlocal k
-            # Step 1: draft up to k tokens (a cycle emits at most k + 1: never draft what could not be emitted).
+            # A cycle emits at most k + 1 tokens: never draft what could not be emitted.
             k_step = min(k, max_new_tokens - (len(sequence) - prompt_len) - 1)
-            committed = len(sequence)
-            proposal = self.drafter.propose(sequence, k_step, sampling, generator, self.confidence_threshold)
-            drafts = proposal.tokens
-            stats.draft_calls += proposal.forwards
-            # Step 2: one target forward scores every drafted position (and encodes what it has not seen).
-            p = self.verify(target, target_cache, sequence, drafts, vocab, sampling, device)
+            done = chain_cycle(target, target_cache, self.drafter, sequence, k_step, vocab, rule, eos_token_ids,
+                               sampling, generator, self.confidence_threshold)
+            drafted = done.proposal.tokens.numel()
+            stats.draft_calls += done.proposal.forwards
             stats.target_calls += 1
-            accepted, token = self.accept(drafts, p, proposal.q, sampling, generator)
-            stats.record_step(drafted=len(drafts), accepted=accepted)
-            # Step 3: emit accepted drafts + the residual / bonus token, stopping right after an EOS.
-            for new in [*drafts[:accepted].tolist(), token]:
-                sequence.append(new)
-                if new in eos_token_ids:
-                    break
-            # Step 4: the target cache and the drafter keep committed + accepted drafts; the newest token is fed
-            # next cycle.
-            truncate_cache(target_cache, committed + accepted)
-            self.drafter.commit(committed + accepted)
-            k = self.next_k(k, len(drafts), accepted)
+            stats.record_step(drafted=drafted, accepted=done.accepted)
+            k = self.next_k(k, drafted, done.accepted)
 
         def finished() -> bool:
             return len(sequence) - prompt_len >= max_new_tokens or sequence[-1] in eos_token_ids
@@ -186,22 +179,6 @@ class SpeculativeSampling(DecodingMethod):
         return Generation(tokens=tokens, stats=stats, stopped_by=stopped_by)
 
     # ---------------------------------------------------------------- stages
-
-    def verify(
-        self,
-        target,
-        cache,
-        sequence: list[int],
-        drafts: torch.Tensor,
-        vocab: int,
-        sampling: SamplingConfig,
-        device: torch.device,
-    ) -> torch.Tensor:
-        """One target forward over the unseen committed tokens + the k drafts; returns p (k + 1, vocab)."""
-        unseen = torch.tensor([sequence[cache_length(cache) :]], device=device)  # (1, >= 1)
-        step_input = torch.cat([unseen, drafts.to(device)[None]], dim=1)  # (1, unseen + k)
-        logits = model_logits(target, step_input, cache, logits_to_keep=drafts.numel() + 1)[0, -(drafts.numel() + 1) :]  # (k + 1, vocab_p)
-        return logits_to_probs(logits[:, :vocab], sampling)
 
     def accept(
         self,
