@@ -167,7 +167,7 @@ def _check_consistency(record: dict[str, Any]) -> list[str]:
     missing_system = [k for k in SYSTEM_FIELDS if k not in record["system"]]
     if missing_system:
         problems.append(f"system lacks {missing_system}")
-    for name in METHOD_FIELDS.get(record["method"].split("[")[0], ()):
+    for name in METHOD_FIELDS.get(re.split(r"[\[+]", record["method"])[0], ()):
         if name not in record:
             problems.append(f"missing {record['method']} field {name!r}")
     if "judge_accepted" in record and "exact_accepted_tokens" in record:
