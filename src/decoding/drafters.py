@@ -162,8 +162,9 @@ class PromptLookup(Drafter):
     Args:
         max_ngram: the longest suffix n-gram looked up (HF's ``max_matching_ngram_size``, default 2 there).
         min_ngram: the shortest one (1 matches a single token: more proposals, more of them rejected).
-        max_branches: tree verifiers only (SpecExec): up to this many distinct continuations, from the matches
-            of the longest matching n-gram first, become sibling branches verified in one target forward.
+        max_branches: tree verifiers only (SpecExec): up to this many distinct continuations, all from the
+            matches of the longest n-gram that matches at all (earliest first), become sibling branches verified
+            in one target forward.
     """
 
     name = "prompt_lookup"
@@ -191,7 +192,9 @@ class PromptLookup(Drafter):
 
     def propose(self, sequence, k, sampling, generator, stop_below=0.0) -> Proposal:
         found = self.continuations(sequence, k, limit=1)
-        tokens = [t for t in (found[0] if found else []) if t < self.vocab]  # never a token the target cannot score
+        tokens = found[0] if found else []
+        cut = next((i for i, t in enumerate(tokens) if t >= self.vocab), len(tokens))
+        tokens = tokens[:cut]  # never a token the target cannot score (nor what followed it)
         return Proposal(torch.tensor(tokens, dtype=torch.long, device=self.device), q=None, forwards=0)
 
     def continuations(self, sequence: list[int], depth: int, limit: int | None = None) -> list[list[int]]:

@@ -103,6 +103,14 @@ class SpecExec(DecodingMethod):
             )
         self.scoring_temperature = scoring_temperature
         self.drafter = drafter if drafter is not None else ModelDrafter()
+        growth = {"max_beams": (max_beams, 8), "max_branch_width": (max_branch_width, 8),
+                  "prune_threshold": (prune_threshold, 0.0), "scoring_temperature": (scoring_temperature, None)}
+        changed = [f"{name}={value!r}" for name, (value, default) in growth.items() if value != default]
+        if not isinstance(self.drafter, ModelDrafter) and changed:
+            raise InvalidParameterError(
+                f"{', '.join(changed)} shape a draft model's best-first growth, but the drafter is "
+                f"{self.drafter.name!r}: drop them (its tree is set by budget, max_depth and the drafter's own options)"
+            )
         if not isinstance(self.drafter, ModelDrafter) and not hasattr(self.drafter, "continuations"):
             raise InvalidParameterError(
                 f"drafter {self.drafter.name!r} has no tree form: use it with speculative sampling, or use "
