@@ -5,45 +5,67 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/bench_vs_hf.py --prompts 10 --max-new-tokens 64
     .venv/bin/python benchmarks/bench_vs_hf.py --prompts 1 --max-new-tokens 8 --ks 2 --specexec 8x4   # smoke
     .venv/bin/python benchmarks/bench_vs_hf.py --device cuda --draft nf4 --repeat 3 --json out/vs_hf.json
+    # prompt lookup on Spec-Bench's copy-heavy tasks (no --ks / --assist / --specexec rows: no draft loaded)
+    .venv/bin/python benchmarks/bench_vs_hf.py --ks --specexec --lookup 10:3 5:3 --lookup-tree 32:10:3 \
+        --data ../shared/datasets/spec_bench.jsonl --categories summarization rag --max-new-tokens 128
 
 Pair: the embedded SmolLM2-135M-Instruct, float32 target; the draft is the same model in bfloat16
-(``--draft bf16``) or bitsandbytes NF4 (``--draft nf4``). All configurations decode greedily the same
-MT-Bench first turns (one per category first, then more: ``--prompts N``) with the same ``--max-new-tokens``:
+(``--draft bf16``) or bitsandbytes NF4 (``--draft nf4``), loaded only when a draft-model row (``--ks``,
+``--assist``, ``--specexec``) is requested: ``--ks --specexec`` with no values and no ``--assist`` load none.
+All configurations decode greedily the same first turns with the same ``--max-new-tokens``: from MT-Bench by
+default, or from ``--data FILE`` (MT-Bench format, e.g. ``../shared/datasets/spec_bench.jsonl``), restricted
+to ``--categories`` when given (an unknown one is refused, naming those available); one prompt per category
+first, in file order, then a second of each, ...: ``--prompts N``. Long prompts (Spec-Bench summarization and
+rag: ~200-1600 tokens) are fine as long as prompt + new tokens fit the target's positions (checked up front):
 
 - ``ours baseline``    vs ``HF generate`` = ``target.generate(input_ids, do_sample=False, max_new_tokens=N)``;
 - ``ours speculative`` vs ``HF assisted``, for each k in ``--ks``: HF assisted generation with the same draft
   and a constant schedule of k draft tokens. transformers 5.x ignores the ``num_assistant_tokens*`` /
   ``assistant_confidence_threshold`` keywords of ``generate``, so they are set on ``draft.generation_config``
   for the call (and restored afterwards);
-- ``--assist K:THRESHOLD[:heuristic]``: adaptive drafting, ours vs HF with the same settings: chains of at most
-  K tokens that stop once the draft's probability of its token is below THRESHOLD, and with ``heuristic`` HF's
-  schedule (+2 after a fully accepted chain, else -1; reset per generation). HF's own defaults are ``20:0.4``
-  (note: HF also retunes the threshold during a generation when scikit-learn is installed; ours stays fixed);
+- ``--assist K:THRESHOLD[:heuristic]``: adaptive drafting, ours vs HF with the same settings: chains of at
+  most K tokens that stop once the draft's probability of its token is below THRESHOLD, and with ``heuristic``
+  HF's schedule (+2 after a fully accepted chain, else -1; reset per generation). HF's own defaults are
+  ``20:0.4`` (note: HF also retunes the threshold during a generation when scikit-learn is installed; ours
+  stays fixed);
 - ``ours specexec``, for each ``BUDGETxMAX_DEPTH`` in ``--specexec`` (other parameters: SpecExec's defaults
-  unless ``--max-beams`` / ``--max-branch-width`` / ``--prune-threshold`` set them).
+  unless ``--max-beams`` / ``--max-branch-width`` / ``--prune-threshold`` set them);
+- ``ours prompt lookup`` vs ``HF prompt lookup``, for each ``N:G`` in ``--lookup`` (none by default):
+  speculative sampling with ``PromptLookup(max_ngram=G, min_ngram=--min-ngram)`` proposing up to N tokens
+  (those after the earliest earlier occurrence of the longest suffix n-gram, n from G down) vs
+  ``target.generate(..., prompt_lookup_num_tokens=N, max_matching_ngram_size=G)``, which selects HF's
+  PromptLookupCandidateGenerator. Neither has a draft model. HF's shortest n-gram is always 1, so ours/HF is
+  like-for-like only at ``--min-ngram 1`` (the default; other values show in our row's params);
+- ``ours lookup tree``, for each ``B:N:G`` in ``--lookup-tree``: SpecExec with budget B and max_depth N over
+  the ``--lookup-branches`` (default 4) distinct looked-up continuations of the longest matching n-gram
+  (n <= G, down to ``--min-ngram``) as sibling branches, verified in one target forward; no HF counterpart.
 
-Protocol: one process; every configuration runs once untimed on the first prompt (warm-up); then each pass runs
-prompt i on every configuration (order rotated per prompt) before any configuration runs prompt i + 1.
+A row whose method proposes nothing at a step (a lookup finds no match) makes that step a plain target step,
+so tok/call is never below 1.
+
+Protocol: one process; every configuration runs once untimed on the first prompt (warm-up); then each pass
+runs prompt i on every configuration (order rotated per prompt) before any configuration runs prompt i + 1.
 ``--repeat R`` runs R passes and reports each figure as the mean over passes with the min-max spread.
 
 Columns:
 
 - tok/s: new tokens / wall seconds, summed over the prompts of a pass;
 - tok/call: new tokens per target forward; draft/call: draft forwards per target forward. Both count forwards
-  with hooks on the two models, for our methods and HF alike (a prefill is one forward);
-- ours/HF: tok/s of our row / tok/s of its HF counterpart in the same pass (baseline vs generate, speculative k
-  vs assisted k);
+  with hooks on the two models, for our methods and HF alike (a prefill is one forward). Lookup rows show
+  draft/call 0: the hooks saw no draft forward (our lookup methods are never handed the draft);
+- ours/HF: tok/s of our row / tok/s of its HF counterpart in the same pass (baseline vs generate, speculative
+  k vs assisted k, prompt lookup N:G vs HF prompt lookup N:G);
 - identical: every prompt's output equals the target's greedy output (the ``HF generate`` row, marked ``ref``)
   up to and including the first EOS of the generation config; else ``no (d/P)`` with d prompts differing;
 - overhead: for our methods, 1 - (seconds inside target and draft forwards) / (prefill_s + decode_s);
-- peak RSS: the process's maximum resident set size (``ru_maxrss``) after the configuration's last run; it only
-  grows, so it mostly tells how much memory the whole benchmark needed. With ``--device cuda`` a column adds
-  the peak CUDA memory allocated during the configuration's runs.
+- peak RSS: the process's maximum resident set size (``ru_maxrss``) after the configuration's last run; it
+  only grows, so it mostly tells how much memory the whole benchmark needed. With ``--device cuda`` a column
+  adds the peak CUDA memory allocated during the configuration's runs.
 
-Above the table: the machine, and the mean latency of one target forward of 1, 32 and 64 tokens after the first
-prompt (to relate tok/s to the cost of a target call), and the resident memory after the warm-up and after each
-pass (it must not grow from pass to pass: every generation frees its caches). ``--json PATH`` writes all of it,
-with per-pass figures.
+Above the table: the machine, the data (file, categories, prompt lengths in tokens), the mean latency of one
+target forward of 1, 32 and 64 tokens after the first prompt (to relate tok/s to the cost of a target call),
+and the resident memory after the warm-up and after each pass (it must not grow from pass to pass: every
+generation frees its caches). ``--json PATH`` writes all of it, with per-pass figures.
 """
 
 from __future__ import annotations
@@ -69,6 +91,7 @@ import torch
 from src.data.prompts import Prompt, encode_messages, read_prompt_file
 from src.decoding import Baseline, DecodingMethod, SamplingConfig, SpecExec, SpeculativeSampling
 from src.decoding.base import input_device, model_logits
+from src.decoding.drafters import PromptLookup
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.errors import InvalidParameterError, MissingInputError, UserInputError
 from src.models import ModelSpec, load_pair
@@ -127,6 +150,30 @@ def assist_setting(text: str) -> tuple[int, float, str]:
     return k, threshold, schedule
 
 
+def positive_ints(text: str, names: str, example: str) -> tuple[int, ...]:
+    """``"10:3"`` -> (10, 3) when ``names`` (``"N:G"``) has as many fields, all positive integers."""
+    parts = text.split(":")
+    try:
+        values = tuple(int(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != len(names.split(":")) or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not {names} with {len(names.split(':'))} positive integers (e.g. {example})"
+        )
+    return values
+
+
+def lookup_setting(text: str) -> tuple[int, int]:
+    """``"10:3"`` -> (k 10 looked-up tokens per call, max_ngram 3)."""
+    return positive_ints(text, "N:G", "10:3")
+
+
+def lookup_tree_setting(text: str) -> tuple[int, int, int]:
+    """``"32:10:3"`` -> (budget 32, max_depth 10, max_ngram 3)."""
+    return positive_ints(text, "B:N:G", "32:10:3")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Our baseline / speculative / SpecExec vs HF generate / assisted generation, interleaved.",
@@ -141,6 +188,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         " schedule) vs HF assisted with the same settings, e.g. 20:0.4 (HF's defaults) 4:0:heuristic")
     parser.add_argument("--specexec", type=specexec_shape, nargs="*", default=[(16, 8), (32, 16), (64, 16)],
                         metavar="BUDGETxMAX_DEPTH", help="SpecExec configurations (none: skip)")
+    parser.add_argument("--lookup", type=lookup_setting, nargs="*", default=[], metavar="N:G",
+                        help="prompt lookup rows: ours speculative with PromptLookup (up to N tokens after"
+                        " the earliest match of the longest suffix n-gram, n <= G) vs HF"
+                        " prompt_lookup_num_tokens=N, max_matching_ngram_size=G, e.g. 10:3 (no draft model)")
+    parser.add_argument("--lookup-tree", type=lookup_tree_setting, nargs="*", default=[], metavar="B:N:G",
+                        help="ours SpecExec over looked-up branches: budget B, max_depth N, max_ngram G,"
+                        " e.g. 32:10:3 (no HF counterpart, no draft model)")
+    parser.add_argument("--lookup-branches", type=positive_int, default=4,
+                        help="--lookup-tree: distinct looked-up continuations verified as sibling branches")
+    parser.add_argument("--min-ngram", type=positive_int, default=1,
+                        help="our lookup rows' shortest n-gram (HF's is always 1: ours/HF is like-for-like"
+                        " only at 1)")
     parser.add_argument("--max-beams", type=positive_int, default=None, help="SpecExec max_beams (its default)")
     parser.add_argument("--max-branch-width", type=positive_int, default=None,
                         help="SpecExec max_branch_width (its default)")
@@ -154,9 +213,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--repeat", type=positive_int, default=1, help="interleaved passes over all prompts")
     parser.add_argument("--data", type=Path, default=None,
-                        help="MT-Bench JSONL (default: datasets/ or ../shared/datasets/mt_bench.jsonl)")
+                        help="prompts JSONL in MT-Bench format, e.g. ../shared/datasets/spec_bench.jsonl"
+                        " (default: datasets/ or ../shared/datasets/mt_bench.jsonl)")
+    parser.add_argument("--categories", nargs="+", default=None, metavar="CAT",
+                        help="take prompts only from these categories of --data (default: all)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_min_ngram(parser, args)
+    return args
+
+
+def check_min_ngram(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, a --min-ngram that a lookup row's G cannot reach."""
+    rows = [(f"--lookup {k}:{g}", g) for k, g in args.lookup]
+    rows += [(f"--lookup-tree {b}:{d}:{g}", g) for b, d, g in args.lookup_tree]
+    for option, max_ngram in rows:
+        if args.min_ngram > max_ngram:
+            parser.error(
+                f"--min-ngram {args.min_ngram} is above G={max_ngram} of {option}: use G >= --min-ngram"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -190,13 +265,17 @@ def check_device(device: str) -> None:
         raise InvalidParameterError(f"--device cuda: torch {torch.__version__} sees no CUDA device (use --device cpu)")
 
 
+def needs_draft_model(args: argparse.Namespace) -> bool:
+    """Only the draft-model rows do: lookup rows and the references run on the target alone."""
+    return bool(args.ks or args.assist or args.specexec)
+
+
 def load_models(args: argparse.Namespace) -> Models:
-    """The float32 target and, when some configuration needs it, the draft."""
-    needs_draft = bool(args.ks or args.assist or args.specexec)
+    """The target and, when some configuration needs it, the draft (else none is loaded: time and memory)."""
     started = time.perf_counter()
     pair = load_pair(
         ModelSpec(name_or_path=EMBEDDED, dtype=args.target_dtype, device=args.device),
-        draft_spec(args.draft, args.device) if needs_draft else None,
+        draft_spec(args.draft, args.device) if needs_draft_model(args) else None,
     )
     info = {**pair.describe(), "load_s": round(time.perf_counter() - started, 2)}
     draft = pair.draft.model if pair.draft is not None else None
@@ -223,6 +302,20 @@ def dataset_path(given: Path | None) -> Path:
     )
 
 
+def keep_categories(prompts: list[Prompt], categories: list[str] | None, source: Path) -> list[Prompt]:
+    """The prompts of ``categories`` (all when None); an unknown category is refused, naming those present."""
+    if categories is None:
+        return prompts
+    available = list(dict.fromkeys(prompt.category for prompt in prompts))  # file order
+    unknown = [category for category in categories if category not in available]
+    if unknown:
+        raise InvalidParameterError(
+            f"--categories {' '.join(unknown)}: {source} has no such category; "
+            f"available: {', '.join(available)}"
+        )
+    return [prompt for prompt in prompts if prompt.category in categories]
+
+
 def pick_prompts(prompts: list[Prompt], count: int, source: Path) -> list[Prompt]:
     """The first prompt of each category (file order), then the second of each, ...; the first ``count``."""
     by_category: dict[str, list[Prompt]] = {}
@@ -235,17 +328,41 @@ def pick_prompts(prompts: list[Prompt], count: int, source: Path) -> list[Prompt
         if rank < len(group)
     ]
     if count > len(ranked):
-        raise InvalidParameterError(f"--prompts {count}: {source} holds only {len(ranked)} prompts")
+        raise InvalidParameterError(f"--prompts {count}: {source} holds only {len(ranked)} prompts (of the "
+                                    f"categories taken: {', '.join(by_category)})")
     return ranked[:count]
 
 
-def encode_prompts(models: Models, data: Path | None, count: int) -> list[torch.Tensor]:
-    source = dataset_path(data)
-    prompts = pick_prompts(read_prompt_file(source), count, source)
-    return [
+def select_prompts(args: argparse.Namespace) -> tuple[list[Prompt], Path]:
+    """Read and pick the prompts before any model loads: bad --data / --categories / --prompts fail first."""
+    source = dataset_path(args.data)
+    prompts = keep_categories(read_prompt_file(source), args.categories, source)
+    return pick_prompts(prompts, args.prompts, source), source
+
+
+def encode_prompts(models: Models, prompts: list[Prompt], max_new_tokens: int) -> list[torch.Tensor]:
+    inputs = [
         encode_messages(models.tokenizer, [{"role": "user", "content": p.turns[0]}], True).to(models.device)
         for p in prompts
     ]
+    check_context(models, prompts, inputs, max_new_tokens)
+    return inputs
+
+
+def check_context(
+    models: Models, prompts: list[Prompt], inputs: list[torch.Tensor], max_new_tokens: int
+) -> None:
+    """Long prompts (Spec-Bench summarization / rag: up to ~1600 tokens) plus the new tokens must fit the
+    target's positions; past them a model may silently degrade instead of failing, and every row would then
+    compare garbage."""
+    limit = getattr(models.target.config, "max_position_embeddings", None)
+    for prompt, input_ids in zip(prompts, inputs):
+        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+            raise InvalidParameterError(
+                f"prompt {prompt.prompt_id} ({prompt.category}) has {input_ids.shape[1]} tokens: with "
+                f"--max-new-tokens {max_new_tokens} it exceeds the target's {limit} positions "
+                "(fewer new tokens, or other --categories)"
+            )
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -262,6 +379,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        # Before the models load: other busy processes slow every row (torch's threads spin against them).
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -369,7 +488,7 @@ class Config:
     params: str
     run: Runner
     ours: bool
-    uses_draft: bool
+    drafts: bool  # proposes tokens (a draft model or a lookup): draft/call is reported, 0 for a lookup
     pair: str | None = None  # key of the HF row our tok/s is compared with
 
     @property
@@ -378,8 +497,11 @@ class Config:
 
 
 def ours_runner(method: DecodingMethod, models: Models, max_new_tokens: int, eos: set[int]) -> Runner:
+    # A lookup method gets no draft even when other rows loaded one: its draft/call reads 0 by construction.
+    draft = models.draft if method.needs_draft else None
+
     def run(input_ids: torch.Tensor) -> tuple[list[int], float]:
-        generation = method.generate(models.target, models.draft, input_ids, max_new_tokens, SamplingConfig(), eos)
+        generation = method.generate(models.target, draft, input_ids, max_new_tokens, SamplingConfig(), eos)
         return generation.tokens, generation.stats.prefill_s + generation.stats.decode_s
 
     return run
@@ -401,10 +523,8 @@ def assistant_schedule(draft, k: int, threshold: float = 0.0, schedule: str = "c
             setattr(config, name, value)
 
 
-def hf_runner(
-    models: Models, max_new_tokens: int, k: int | None = None, threshold: float = 0.0, schedule: str = "constant"
-) -> Runner:
-    """HF ``generate``, greedy; with ``k``, assisted by the draft (k tokens per round, see assistant_schedule)."""
+def hf_generate(models: Models, max_new_tokens: int) -> Callable[..., list[int]]:
+    """Greedy ``target.generate`` returning the new tokens; assistant / lookup keywords pass through."""
     pad = models.tokenizer.pad_token_id
     if pad is None:
         pad = models.tokenizer.eos_token_id
@@ -416,6 +536,15 @@ def hf_runner(
         )
         return output[0, input_ids.shape[1]:].tolist()
 
+    return generate
+
+
+def hf_runner(
+    models: Models, max_new_tokens: int, k: int | None = None, threshold: float = 0.0, schedule: str = "constant"
+) -> Runner:
+    """HF ``generate``, greedy; with ``k``, assisted by the draft (k tokens per round, see assistant_schedule)."""
+    generate = hf_generate(models, max_new_tokens)
+
     def run(input_ids: torch.Tensor) -> tuple[list[int], None]:
         if k is None:
             return generate(input_ids), None
@@ -423,6 +552,38 @@ def hf_runner(
             return generate(input_ids, assistant_model=models.draft), None
 
     return run
+
+
+def hf_lookup_runner(models: Models, max_new_tokens: int, k: int, max_ngram: int) -> Runner:
+    """HF prompt lookup decoding: ``prompt_lookup_num_tokens`` alone selects its
+    PromptLookupCandidateGenerator (transformers 5.x, ``_get_candidate_generator``); no assistant model is
+    passed, so none can be used."""
+    generate = hf_generate(models, max_new_tokens)
+
+    def run(input_ids: torch.Tensor) -> tuple[list[int], None]:
+        return generate(input_ids, prompt_lookup_num_tokens=k, max_matching_ngram_size=max_ngram), None
+
+    return run
+
+
+def lookup_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> list[Config]:
+    """Ours prompt lookup (a chain) next to HF's with the same N and G, then our lookup trees (no HF twin)."""
+    n, min_ngram = args.max_new_tokens, args.min_ngram
+    # HF's min n-gram is 1: any other value shows in our params (the pair is then not like-for-like).
+    suffix = f" min_ngram={min_ngram}" if min_ngram != 1 else ""
+    configs = []
+    for k, max_ngram in args.lookup:
+        label = f"k={k} max_ngram={max_ngram}"
+        hf = Config("HF prompt lookup", label, hf_lookup_runner(models, n, k, max_ngram), False, True)
+        ours = SpeculativeSampling(k, drafter=PromptLookup(max_ngram=max_ngram, min_ngram=min_ngram))
+        runner = ours_runner(ours, models, n, eos)
+        configs += [Config("ours prompt lookup", label + suffix, runner, True, True, hf.key), hf]
+    for budget, depth, max_ngram in args.lookup_tree:
+        drafter = PromptLookup(max_ngram=max_ngram, min_ngram=min_ngram, max_branches=args.lookup_branches)
+        method = SpecExec(budget=budget, max_depth=depth, drafter=drafter)
+        label = f"budget={budget} depth={depth} max_ngram={max_ngram} branches={args.lookup_branches}{suffix}"
+        configs.append(Config("ours lookup tree", label, ours_runner(method, models, n, eos), True, True))
+    return configs
 
 
 def specexec_method(shape: tuple[int, int], args: argparse.Namespace) -> tuple[SpecExec, str]:
@@ -456,7 +617,15 @@ def build_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> li
     for shape in args.specexec:
         method, label = specexec_method(shape, args)
         configs.append(Config("ours specexec", label, ours_runner(method, models, n, eos), True, True))
-    return configs
+    return unique(configs + lookup_configs(args, models, eos))
+
+
+def unique(configs: list[Config]) -> list[Config]:
+    """A setting given twice would share one key and mix its records: keep its first row only."""
+    by_key: dict[str, Config] = {}
+    for config in configs:
+        by_key.setdefault(config.key, config)
+    return list(by_key.values())
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -536,7 +705,7 @@ def pass_figures(records: list[Record], config: Config) -> dict[str, float | Non
     return {
         "tok_s": tokens_per_second(records),
         "tok_per_call": tokens / target_calls if target_calls else None,
-        "draft_per_call": sum(r.draft_calls for r in records) / target_calls if config.uses_draft else None,
+        "draft_per_call": sum(r.draft_calls for r in records) / target_calls if config.drafts else None,
         "overhead": 1 - forward_s / method_s if config.ours and method_s else None,
     }
 
@@ -640,13 +809,18 @@ def describe_model(info: dict[str, Any] | None) -> str:
 def print_report(report: dict[str, Any]) -> None:
     machine, run = report["machine"], report["run"]
     gpu = f", GPU {machine['gpu']}" if "gpu" in machine else ""
-    print(f"machine: {machine['cpu']} ({machine['cores']} cores), torch threads {machine['threads']}, "
+    average = machine["load_average"]
+    load = f", load average {average:.1f} before the run" if average is not None else ""
+    print(f"machine: {machine['cpu']} ({machine['cores']} cores{load}), torch threads {machine['threads']}, "
           f"torch {machine['torch']}, transformers {machine['transformers']}{gpu}")
     models = report["models"]
     print(f"pair: target {describe_model(models['target'])}; draft {describe_model(models['draft'])}; "
           f"loaded in {models['load_s']:.1f} s")
-    print(f"run: {run['prompts']} MT-Bench first turns, max_new_tokens {run['max_new_tokens']}, greedy, "
-          f"{run['repeat']} interleaved pass(es) after one warm-up per configuration")
+    lengths = run["prompt_tokens"]
+    print(f"run: {run['prompts']} first turns of {Path(run['data']).name} ({', '.join(run['categories'])}; "
+          f"{min(lengths)}-{max(lengths)} prompt tokens, mean {statistics.mean(lengths):.0f}), "
+          f"max_new_tokens {run['max_new_tokens']}, greedy, {run['repeat']} interleaved pass(es) after one "
+          "warm-up per configuration")
     latency = ", ".join(f"{size} tok {ms:.1f} ms" for size, ms in report["target_forward_ms"].items())
     print(f"target forward latency (mean of {LATENCY_REPEATS}, after the first prompt): {latency}")
     resident = report.get("resident_mb") or []
@@ -670,9 +844,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    prompts, source = select_prompts(args)
+    machine = machine_info(torch.device(args.device))
     models = load_models(args)
     eos = eos_ids(models)
-    inputs = encode_prompts(models, args.data, args.prompts)
+    inputs = encode_prompts(models, prompts, args.max_new_tokens)
     with torch.inference_mode():
         latency = target_forward_latency(models, inputs[0])
         configs = build_configs(args, models, eos)
@@ -685,11 +861,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 passes.append(run_pass(configs, inputs, meter, index))
                 resident.append(resident_mb())
     return {
-        "machine": machine_info(models.device),
+        "machine": machine,
         "models": models.info,
         "run": {
             "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "repeat": args.repeat,
-            "draft": args.draft, "device": args.device, "eos_token_ids": sorted(eos),
+            "draft": args.draft if models.draft is not None else None, "device": args.device,
+            "eos_token_ids": sorted(eos), "data": str(source),
+            "categories": list(dict.fromkeys(p.category for p in prompts)),  # file order
+            "prompt_tokens": [input_ids.shape[1] for input_ids in inputs], "min_ngram": args.min_ngram,
         },
         "target_forward_ms": latency,
         "resident_mb": resident,

