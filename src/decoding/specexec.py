@@ -111,6 +111,11 @@ class SpecExec(DecodingMethod):
                 f"{', '.join(changed)} shape a draft model's best-first growth, but the drafter is "
                 f"{self.drafter.name!r}: drop them (its tree is set by budget, max_depth and the drafter's own options)"
             )
+        if isinstance(self.drafter, ModelDrafter) and getattr(self.drafter, "top_tokens", None) is not None:
+            raise InvalidParameterError(
+                "top_tokens restricts a chain drafter, but SpecExec grows its tree from the full draft: drop "
+                "top_tokens / token_map, or use SpeculativeSampling"
+            )
         if not isinstance(self.drafter, ModelDrafter) and not hasattr(self.drafter, "continuations"):
             raise InvalidParameterError(
                 f"drafter {self.drafter.name!r} has no tree form: use it with speculative sampling, or use "

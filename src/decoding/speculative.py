@@ -119,8 +119,13 @@ class SpeculativeSampling(DecodingMethod):
         if self.confidence_threshold:
             params["confidence_threshold"] = self.confidence_threshold
         if not isinstance(self.drafter, ModelDrafter):
-            params.update(drafter=self.drafter.name, **self.drafter.params())
+            params["drafter"] = self.drafter.name
+        params.update(self.drafter.params())  # {} for a plain draft model: earlier resume keys stay valid
         return params
+
+    def input_files(self) -> list[str]:
+        """A restricted draft vocabulary's token map: hashed into the run fingerprint."""
+        return self.drafter.input_files() if hasattr(self.drafter, "input_files") else []
 
     def next_k(self, k: int, drafted: int, accepted: int) -> int:
         """The chain length of the next cycle: HF's heuristic (+2 after a full acceptance, else -1)."""
