@@ -10,7 +10,7 @@ ARGS            ?=
 PY              := $(VENV)/bin/python
 SETUP_ENV       := VENV=$(VENV) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_INDEX_URL=$(TORCH_INDEX_URL)
 
-.PHONY: help setup predict autojudge report test test-all lint list-presets clean docker-build docker-build-gpu docker-predict
+.PHONY: help setup predict autojudge eagle report test test-all lint list-presets clean docker-build docker-build-gpu docker-predict
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,10 @@ predict: setup  ## decode MT-Bench with the default config (CONFIG=..., ARGS="--
 autojudge: setup  ## AutoJudge: mine labels + train the judge (fit), then decode held-out problems with it (predict)
 	$(PY) -m src fit --config configs/autojudge.yaml $(ARGS)
 	$(PY) -m src predict --config configs/autojudge.yaml $(ARGS)
+
+eagle: setup  ## EAGLE: build features + train the draft head (fit), then decode MT-Bench with it (predict)
+	$(PY) -m src fit --config configs/eagle.yaml $(ARGS)
+	$(PY) -m src predict --config configs/eagle.yaml $(ARGS)
 
 report: setup  ## summarise datasets/results.jsonl into reports/ (report.md, report.html, PNGs; ARGS="--seed 1")
 	$(PY) -m src.report datasets/results.jsonl --out reports $(ARGS)

@@ -164,9 +164,12 @@ def positive_ints(text: str, names: str, example: str) -> tuple[int, ...]:
     return values
 
 
-def lookup_setting(text: str) -> tuple[int, int]:
-    """``"10:3"`` -> (k 10 looked-up tokens per call, max_ngram 3)."""
-    return positive_ints(text, "N:G", "10:3")
+def lookup_setting(text: str) -> tuple[int, int, int | None]:
+    """``"10:3"`` -> (k 10 looked-up tokens per call, max_ngram 3, min_ngram None = --min-ngram);
+    ``"5:3:2"`` -> the same with min_ngram 2 for this row."""
+    if text.count(":") == 2:
+        return positive_ints(text, "N:G:M", "5:3:2")
+    return (*positive_ints(text, "N:G", "10:3"), None)
 
 
 def lookup_tree_setting(text: str) -> tuple[int, int, int]:
@@ -188,10 +191,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         " schedule) vs HF assisted with the same settings, e.g. 20:0.4 (HF's defaults) 4:0:heuristic")
     parser.add_argument("--specexec", type=specexec_shape, nargs="*", default=[(16, 8), (32, 16), (64, 16)],
                         metavar="BUDGETxMAX_DEPTH", help="SpecExec configurations (none: skip)")
-    parser.add_argument("--lookup", type=lookup_setting, nargs="*", default=[], metavar="N:G",
+    parser.add_argument("--lookup", type=lookup_setting, nargs="*", default=[], metavar="N:G[:M]",
                         help="prompt lookup rows: ours speculative with PromptLookup (up to N tokens after"
-                        " the earliest match of the longest suffix n-gram, n <= G) vs HF"
-                        " prompt_lookup_num_tokens=N, max_matching_ngram_size=G, e.g. 10:3 (no draft model)")
+                        " the earliest match of the longest suffix n-gram, M <= n <= G; M defaults to --min-ngram)"
+                        " vs HF prompt_lookup_num_tokens=N, max_matching_ngram_size=G, e.g. 10:3 5:3:2 (no draft"
+                        " model; ours/HF only where M is 1, HF's own shortest n-gram)")
     parser.add_argument("--lookup-tree", type=lookup_tree_setting, nargs="*", default=[], metavar="B:N:G",
                         help="ours SpecExec over looked-up branches: budget B, max_depth N, max_ngram G,"
                         " e.g. 32:10:3 (no HF counterpart, no draft model)")
@@ -225,10 +229,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_min_ngram(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, before any model loads, a --min-ngram that a lookup row's G cannot reach."""
-    rows = [(f"--lookup {k}:{g}", g) for k, g in args.lookup]
-    rows += [(f"--lookup-tree {b}:{d}:{g}", g) for b, d, g in args.lookup_tree]
-    for option, max_ngram in rows:
-        if args.min_ngram > max_ngram:
+    rows = [(f"--lookup {k}:{g}", g, m) for k, g, m in args.lookup]
+    rows += [(f"--lookup-tree {b}:{d}:{g}", g, None) for b, d, g in args.lookup_tree]
+    for option, max_ngram, min_ngram in rows:
+        if min_ngram is not None and min_ngram > max_ngram:
+            parser.error(f"M={min_ngram} is above G={max_ngram} in {option}:{min_ngram}: use M <= G")
+        if min_ngram is None and args.min_ngram > max_ngram:
             parser.error(
                 f"--min-ngram {args.min_ngram} is above G={max_ngram} of {option}: use G >= --min-ngram"
             )
@@ -569,15 +575,19 @@ def hf_lookup_runner(models: Models, max_new_tokens: int, k: int, max_ngram: int
 def lookup_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> list[Config]:
     """Ours prompt lookup (a chain) next to HF's with the same N and G, then our lookup trees (no HF twin)."""
     n, min_ngram = args.max_new_tokens, args.min_ngram
-    # HF's min n-gram is 1: any other value shows in our params (the pair is then not like-for-like).
+    # HF's min n-gram is 1: any other value shows in our params, and the row has no HF twin (not like-for-like).
     suffix = f" min_ngram={min_ngram}" if min_ngram != 1 else ""
     configs = []
-    for k, max_ngram in args.lookup:
+    for k, max_ngram, row_min in args.lookup:
+        row_min = min_ngram if row_min is None else row_min
         label = f"k={k} max_ngram={max_ngram}"
         hf = Config("HF prompt lookup", label, hf_lookup_runner(models, n, k, max_ngram), False, True)
-        ours = SpeculativeSampling(k, drafter=PromptLookup(max_ngram=max_ngram, min_ngram=min_ngram))
+        ours = SpeculativeSampling(k, drafter=PromptLookup(max_ngram=max_ngram, min_ngram=row_min))
         runner = ours_runner(ours, models, n, eos)
-        configs += [Config("ours prompt lookup", label + suffix, runner, True, True, hf.key), hf]
+        if row_min == 1:
+            configs += [Config("ours prompt lookup", label, runner, True, True, hf.key), hf]
+        else:
+            configs.append(Config("ours prompt lookup", f"{label} min_ngram={row_min}", runner, True, True))
     for budget, depth, max_ngram in args.lookup_tree:
         drafter = PromptLookup(max_ngram=max_ngram, min_ngram=min_ngram, max_branches=args.lookup_branches)
         method = SpecExec(budget=budget, max_depth=depth, drafter=drafter)

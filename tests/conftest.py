@@ -25,6 +25,28 @@ def build_tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
         return LlamaForCausalLM(config).eval()
 
 
+CHAR_SPECIALS = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]  # ids 0..4: pad, bos, eos (= tiny Llama's 2)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_char_tokenizer():
+    """One token per character (128 ids, the tiny Llama's vocabulary) with a ChatML template: no download."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    extra = [chr(c) for c in range(161, 161 + 128 - len(CHAR_SPECIALS) - len(chars))]
+    core = Tokenizer(WordLevel({t: i for i, t in enumerate(CHAR_SPECIALS + chars + extra)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    return tok
+
+
 def perturbed_copy(model: torch.nn.Module, noise: float, seed: int) -> torch.nn.Module:
     """A draft-like copy of ``model``: every weight + noise * N(0, 1) (seeded)."""
     other = copy.deepcopy(model)

@@ -348,7 +348,7 @@ def test_specexec_refuses_a_drafter_without_tree_form():
     class ChainOnly(Drafter):
         name = "chain_only"
 
-        def begin(self, draft_model, vocab, device):
+        def begin(self, draft_model, vocab, device, target=None):
             return None
 
         def propose(self, sequence, k, sampling, generator, stop_below=0.0):

@@ -101,7 +101,7 @@ class GuessLookup(Drafter):
     def __init__(self, guess: list[int], prefix_len: int) -> None:
         self.guess, self.prefix_len = list(guess), prefix_len
 
-    def begin(self, draft_model, vocab: int, device: torch.device) -> None:
+    def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
         self.vocab, self.device = vocab, device
 
     def propose(self, sequence, k, sampling, generator, stop_below=0.0) -> Proposal:

@@ -31,11 +31,12 @@ from src.decoding.sampling import SamplingConfig
 @dataclass
 class Verified:
     """The target's view of a proposal: ``logits`` (n + 1, vocab) after the last committed token and after each
-    drafted token; ``hidden`` (n + 1, H) the final-norm hidden states at those positions, when asked for."""
+    drafted token; ``hidden`` (n + 1, H) the final-norm hidden states at those positions, and ``features``
+    (m + n, H) those of every position the forward read (the m unseen committed tokens first), when asked for."""
 
     logits: torch.Tensor
     hidden: torch.Tensor | None = None
-
+    features: torch.Tensor | None = None
 
 @dataclass
 class Cycle:
@@ -59,7 +60,8 @@ def verify(target, cache, sequence: list[int], drafts: torch.Tensor, vocab: int,
     keep = drafts.numel() + 1
     if with_hidden:
         logits, hidden = model_logits_and_hidden(target, step_input, cache, logits_to_keep=keep)
-        return Verified(logits[0, -keep:, :vocab], hidden[0, -keep:])  # (n + 1, vocab), (n + 1, H)
+        # (n + 1, vocab), (n + 1, H), (m + n, H)
+        return Verified(logits[0, -keep:, :vocab], hidden[0, -keep:], hidden[0])
     logits = model_logits(target, step_input, cache, logits_to_keep=keep)  # (1, n + 1, vocab_p)
     return Verified(logits[0, -keep:, :vocab])
 
@@ -88,10 +90,11 @@ def chain_cycle(
     with_hidden: bool = False,
 ) -> Cycle:
     """Steps 1-4 once on ``sequence`` (prompt + committed tokens, extended in place)."""
-    committed = len(sequence)
+    committed, seen = len(sequence), cache_length(cache)
     # Step 1: propose up to k tokens.
     proposal = drafter.propose(sequence, k, sampling, generator, stop_below)
     # Step 2: one target forward scores every drafted position (and encodes what it has not seen).
+    with_hidden = with_hidden or drafter.needs_target_features
     verified = verify(target, cache, sequence, proposal.tokens, vocab, with_hidden)
     # Step 3: the rule decides how many drafts stay and which token follows them.
     accepted, token = rule(proposal, verified)
@@ -103,5 +106,8 @@ def chain_cycle(
         if new in eos_token_ids:
             break
     truncate_cache(cache, committed + accepted)
-    drafter.commit(committed + accepted)
+    if drafter.needs_target_features:  # the features of every position now committed and cached
+        drafter.commit(committed + accepted, verified.features[: committed - seen + accepted])
+    else:
+        drafter.commit(committed + accepted)
     return Cycle(proposal, verified, accepted, emitted)

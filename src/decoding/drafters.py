@@ -57,14 +57,24 @@ class Drafter(ABC):
 
     name: str = "drafter"
     needs_draft_model: bool = False
+    needs_target_features: bool = False  # commit() then gets the target's features of the committed positions
 
     def params(self) -> dict[str, Any]:
         """Parameters that identify the drafter (go into records and resume keys)."""
         return {}
 
+    def prepare(self, target_info: dict[str, Any] | None) -> None:
+        """Called once the models are loaded, with the target's identity (a trained head checks it)."""
+        return None
+
+    def input_files(self) -> list[str]:
+        """Files the drafter reads (a token map, a trained head): hashed into the run fingerprint."""
+        return []
+
     @abstractmethod
-    def begin(self, draft_model, vocab: int, device: torch.device) -> None:
-        """Start a generation: fresh state (cache, index) for a new prompt."""
+    def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
+        """Start a generation: fresh state (cache, index) for a new prompt. ``target``: the verifier's model, for
+        drafters that read it (a trained head uses its embeddings and lm_head)."""
 
     @abstractmethod
     def propose(
@@ -78,8 +88,10 @@ class Drafter(ABC):
         """Up to ``k`` tokens to follow ``sequence`` (prompt + committed tokens). ``stop_below``: a drafter with
         a confidence stops once its confidence in its own token falls below it (0: never)."""
 
-    def commit(self, length: int) -> None:
-        """The verifier kept ``sequence[:length]``: forget state about anything after it."""
+    def commit(self, length: int, features: torch.Tensor | None = None) -> None:
+        """The verifier kept ``sequence[:length]``: forget state about anything after it. ``features`` (only for
+        drafters with ``needs_target_features``): the target's final-norm hidden states (m, H) of the positions it
+        read and kept in this cycle, i.e. up to ``length - 1``."""
         return None
 
 
@@ -120,7 +132,7 @@ class ModelDrafter(Drafter):
         """The token map, when set: a run fingerprint hashes it (a rebuilt map changes the drafts)."""
         return [str(self.token_map)] if self.token_map is not None else []
 
-    def begin(self, draft_model, vocab: int, device: torch.device) -> None:
+    def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
         if draft_model is None:
             raise InvalidParameterError("the draft-model drafter needs a draft model: set model.draft in the config")
         self.model, self.vocab, self.device = draft_model, vocab, device
@@ -186,7 +198,7 @@ class ModelDrafter(Drafter):
             return logits[: self.vocab]
         return logits.new_full((self.vocab,), float("-inf")).index_copy_(0, self.head.ids, logits)
 
-    def commit(self, length: int) -> None:
+    def commit(self, length: int, features: torch.Tensor | None = None) -> None:
         truncate_cache(self.cache, length)
 
 
@@ -349,7 +361,7 @@ class PromptLookup(Drafter):
             params["max_branches"] = self.max_branches
         return params
 
-    def begin(self, draft_model, vocab: int, device: torch.device) -> None:
+    def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
         self.vocab, self.device = vocab, device
 
     def propose(self, sequence, k, sampling, generator, stop_below=0.0) -> Proposal:

@@ -33,7 +33,7 @@ whose deterministic proposals have a one-hot q.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -59,7 +59,8 @@ class SpeculativeSampling(DecodingMethod):
             stops early; HF's ``assistant_confidence_threshold``). Draft-model drafters only.
         drafter: what proposes the chain (:mod:`src.decoding.drafters`): a draft model (default,
             ``ModelDrafter``) or ``PromptLookup`` (no draft model; the method key becomes
-            ``speculative+prompt_lookup``).
+            ``speculative+prompt_lookup``), or ``EagleDrafter`` (a trained head on the target's features,
+            :mod:`src.decoding.eagle`; ``speculative+eagle``).
 
     Statistics: ``record_step(drafted, accepted)`` once per target verification, with ``drafted`` = the chain
     length of that cycle (0 for a plain target step) and ``accepted`` = how many of them the rule accepted (also
@@ -125,7 +126,11 @@ class SpeculativeSampling(DecodingMethod):
 
     def input_files(self) -> list[str]:
         """A restricted draft vocabulary's token map: hashed into the run fingerprint."""
-        return self.drafter.input_files() if hasattr(self.drafter, "input_files") else []
+        return self.drafter.input_files()
+
+    def prepare(self, target_info: dict[str, Any], draft_info: dict[str, Any] | None) -> None:
+        """A trained head checks that it was trained for this target."""
+        self.drafter.prepare(target_info)
 
     def next_k(self, k: int, drafted: int, accepted: int) -> int:
         """The chain length of the next cycle: HF's heuristic (+2 after a full acceptance, else -1)."""
@@ -154,7 +159,7 @@ class SpeculativeSampling(DecodingMethod):
         device = input_ids.device  # the target's input device (as in Baseline)
         # p and q live on the shared ids [0, vocab): draft models of one family may pad their output differently
         vocab = min(vocab_width(target), vocab_width(draft)) if draft is not None else vocab_width(target)
-        self.drafter.begin(draft, vocab, input_device(draft) if draft is not None else device)
+        self.drafter.begin(draft, vocab, input_device(draft) if draft is not None else device, target=target)
         k = self.k  # this cycle's chain length (the schedule may change it)
 
         def rule(proposal: Proposal, verified: Verified) -> tuple[int, int]:

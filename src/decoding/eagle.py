@@ -1,0 +1,165 @@
+"""The EAGLE drafter (Li et al. 2024, "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty"): a
+one-layer head trained on the target's own features proposes the chain, instead of a separate draft LM.
+
+Convention: the *feature* f_j is the target's last hidden state at position j after its final norm (the lm_head
+input); it predicts token x_{j+1}. The head reads the pair (f_j, embedding of x_{j+1}) at position j and
+outputs f̂_{j+1}; the target's frozen lm_head on f̂_{j+1} gives q for x_{j+2} (over the head's vocabulary subset
+when it has one: q is 0 elsewhere, and the verifier stays exact).
+
+State of one generation, for a committed sequence x_0..x_{S-1}:
+
+- ``features``: the target's exact features f_0..f_{F-1}, F = S - 1 after every cycle (the verifier hands them
+  over in ``commit``; the newest token's feature comes with the next verification);
+- the head's own KV cache over exact pairs j < ``exact_pairs``. A proposal first feeds the exact pairs
+  ``exact_pairs``..S-2 in one head forward (its last output is f̂_{S-1}, hence the first draft token), then one
+  forward per further draft token on (f̂, the draft token): EAGLE's chain. ``commit`` cuts the cache back to the
+  exact pairs, so drafted pairs never outlive their cycle.
+
+The first cycle proposes nothing: the target has not encoded the prompt yet, so its forward is a plain prefill
+that returns the prompt's features (as in EAGLE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.decoding.drafters import Drafter, Proposal
+from src.decoding.kv import cache_length, new_cache, truncate_cache
+from src.decoding.sampling import logits_to_probs, sample
+from src.errors import InvalidParameterError, MissingInputError
+
+
+class EagleDrafter(Drafter):
+    """Propose a chain with a trained EAGLE head (``python -m src fit --config configs/eagle.yaml`` trains one).
+
+    Args:
+        head_path: the exported head, ``<path>.safetensors`` + ``<path>.json`` (:mod:`src.models.eagle`); a
+            folder in the layout of the EAGLE repository's released checkpoints (``config.json`` +
+            ``pytorch_model.bin`` / ``model.safetensors``) loads too. None: the ``head_path`` of the
+            ``EagleModule`` that runs it (``configs/eagle.yaml``).
+    """
+
+    name = "eagle"
+    needs_draft_model = False
+    needs_target_features = True
+
+    def __init__(self, head_path: str | None = None) -> None:
+        if head_path is not None and (not isinstance(head_path, str) or not head_path):
+            raise InvalidParameterError(f"head_path={head_path!r} is invalid: give the trained head's path")
+        self.head_path = head_path
+        self.head = None  # a src.models.eagle.EagleHead, loaded at the first begin() (it needs the target)
+        self.target_identity: dict[str, Any] | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"head_path": self.head_path}
+
+    def input_files(self) -> list[str]:
+        """The head's files (a run fingerprint hashes them); a folder in the EAGLE layout counts as its files."""
+        from src.models.eagle import head_files  # decoding stays importable without the head's file format
+
+        if not self.head_path:
+            return []
+        if Path(self.head_path).is_dir():
+            return sorted(str(p) for p in Path(self.head_path).iterdir() if p.is_file())
+        return [str(path) for path in head_files(self.head_path)]
+
+    def prepare(self, target_info: dict[str, Any] | None) -> None:
+        """Before any prompt: the head must exist; the target's identity (name, dtype, revision) is kept so that
+        a head trained for another target is refused when it loads."""
+        from src.models.eagle import TRAIN_HINT, head_files
+
+        self.target_identity = target_info
+        if self.head_path is None:
+            return  # refused at begin(), naming the fix
+        missing = [str(p) for p in head_files(self.head_path) if not p.is_file()]
+        if missing and not Path(self.head_path).is_dir():
+            raise MissingInputError(f"head file {missing[0]} does not exist: {TRAIN_HINT}")
+
+    def load(self, target) -> None:
+        from src.models.eagle import load_head
+
+        if self.head_path is None:
+            raise InvalidParameterError(
+                "the eagle drafter has no head_path: set drafter.init_args.head_path, or run it from EagleModule "
+                "(configs/eagle.yaml), whose head_path it then uses"
+            )
+        self.head = load_head(self.head_path, target.config, self.target_identity).to(
+            device=target.get_input_embeddings().weight.device, dtype=target.get_input_embeddings().weight.dtype
+        ).eval()
+        self.loaded_for = target
+
+    def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
+        if target is None:
+            raise InvalidParameterError("the eagle drafter reads the target's features: its verifier must pass target")
+        if self.head is None or getattr(self, "loaded_for", None) is not target:
+            self.load(target)
+        self.vocab, self.device = vocab, device
+        self.embed = target.get_input_embeddings()
+        self.lm_head = target.get_output_embeddings()
+        self.cache = new_cache()
+        self.features: list[torch.Tensor] = []  # (m, H) blocks of exact target features, in position order
+        self.known = 0  # F: positions with an exact feature
+        self.exact_pairs = 0  # pairs in the head cache fed with exact features
+        ids = self.head.top_token_ids  # None: the head scores every id
+        self.ids = ids.to(device) if ids is not None else None
+
+    def propose(self, sequence, k, sampling, generator, stop_below=0.0) -> Proposal:
+        length = len(sequence)
+        if self.known == 0 or k < 1:  # the prompt is not encoded yet: this cycle is the target's prefill
+            return Proposal(torch.empty(0, dtype=torch.long, device=self.device), q=None, forwards=0)
+        if self.known != length - 1:
+            raise RuntimeError(f"eagle drafter holds {self.known} features for a sequence of {length} tokens")
+        # Step 1: exact pairs (f_j, x_{j+1}) for j = exact_pairs .. S-2, in one head forward; its last row is f̂_{S-1}.
+        start = cache_length(self.cache)
+        features = torch.cat(self.features)[start:]  # (m, H)
+        tokens = torch.tensor(sequence[start + 1 :], device=self.device)  # (m,)
+        predicted = self._step(features, tokens, start)  # (H,)
+        self.exact_pairs = length - 1
+        drafts: list[torch.Tensor] = []
+        q_rows: list[torch.Tensor] = []
+        # Step 2: k draft tokens; each further one reads (f̂, the previous draft token).
+        for i in range(k):
+            logits = self.head.logits(predicted[None], self.lm_head.weight, getattr(self.lm_head, "bias", None))[0]
+            if sampling.greedy:
+                token = self._argmax(logits)  # (1,)
+            else:
+                q_i = logits_to_probs(self._widen(logits), sampling)  # (V,), zero outside the subset
+                token = sample(q_i[None], generator)
+                q_rows.append(q_i)
+            drafts.append(token)
+            if i + 1 < k:
+                predicted = self._step(predicted[None], token, length - 1 + i)
+        q = torch.stack(q_rows) if q_rows else None
+        return Proposal(torch.cat(drafts), q, forwards=k)
+
+    def _step(self, features: torch.Tensor, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Head forward over pairs at positions ``position``..: features (m, H), tokens (m,) -> f̂ of the last (H,)."""
+        m = tokens.numel()
+        positions = torch.arange(position, position + m, device=self.device)[None]  # (1, m)
+        embeddings = self.embed(tokens[None])  # (1, m, H)
+        out = self.head(features[None].to(embeddings.dtype), embeddings, position_ids=positions, cache=self.cache)
+        return out[0, -1]
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.ids is None:
+            return logits[: self.vocab].argmax(-1, keepdim=True)
+        return self.ids[logits.argmax(-1, keepdim=True)]
+
+    def _widen(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.ids is None:
+            return logits[: self.vocab]
+        return logits.new_full((self.vocab,), float("-inf")).index_copy_(0, self.ids, logits)
+
+    def commit(self, length: int, features: torch.Tensor | None = None) -> None:
+        """Keep exact pairs only, and take the target's features of the newly committed positions."""
+        truncate_cache(self.cache, min(self.exact_pairs, length - 1))
+        self.exact_pairs = cache_length(self.cache)
+        if features is None:
+            raise RuntimeError("the eagle drafter needs the target's features at every commit")
+        self.features.append(features)
+        self.known += features.shape[0]
+        if self.known > length:
+            raise RuntimeError(f"eagle drafter got features for {self.known} positions of a {length}-token sequence")
