@@ -90,8 +90,9 @@ import torch
 
 from src.data.prompts import Prompt, encode_messages, read_prompt_file
 from src.decoding import Baseline, DecodingMethod, SamplingConfig, SpecExec, SpeculativeSampling
-from src.decoding.base import input_device, model_logits
+from src.decoding.base import input_device, model_logits, model_logits_and_hidden
 from src.decoding.drafters import PromptLookup
+from src.decoding.eagle import EagleDrafter
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.errors import InvalidParameterError, MissingInputError, UserInputError
 from src.models import ModelSpec, load_pair
@@ -204,6 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-ngram", type=positive_int, default=1,
                         help="our lookup rows' shortest n-gram (HF's is always 1: ours/HF is like-for-like"
                         " only at 1)")
+    parser.add_argument("--eagle", nargs="*", default=[], metavar="HEAD:K",
+                        help="EAGLE rows: ours speculative with EagleDrafter(HEAD) drafting K tokens per target call,"
+                        " e.g. artifacts/eagle/head:4 (no draft model; HEAD as given to head_path)")
     parser.add_argument("--max-beams", type=positive_int, default=None, help="SpecExec max_beams (its default)")
     parser.add_argument("--max-branch-width", type=positive_int, default=None,
                         help="SpecExec max_branch_width (its default)")
@@ -423,8 +427,9 @@ class ForwardMeter:
     On CUDA each forward is bracketed by a synchronize, so the seconds are the kernels' time, not launch time.
     """
 
-    def __init__(self, models: Models) -> None:
-        self.modules = {"target": models.target, "draft": models.draft}
+    def __init__(self, models: Models, heads: list[torch.nn.Module] = ()) -> None:
+        # EAGLE heads count as the draft: one row runs at a time, and a head row has no draft model.
+        self.modules = {"target": [models.target], "draft": [m for m in (models.draft, *heads) if m is not None]}
         self.device = models.device
         self._started: dict[str, float] = {}
         self.reset()
@@ -451,8 +456,8 @@ class ForwardMeter:
     def installed(self) -> Iterator[ForwardMeter]:
         handles = []
         try:
-            for role, module in self.modules.items():
-                if module is not None:
+            for role, modules in self.modules.items():
+                for module in modules:
                     before, after = self._hooks(role)
                     handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
             yield self
@@ -496,6 +501,7 @@ class Config:
     ours: bool
     drafts: bool  # proposes tokens (a draft model or a lookup): draft/call is reported, 0 for a lookup
     pair: str | None = None  # key of the HF row our tok/s is compared with
+    head: torch.nn.Module | None = None  # an EAGLE row's head: its forwards count as draft forwards
 
     @property
     def key(self) -> str:
@@ -572,6 +578,53 @@ def hf_lookup_runner(models: Models, max_new_tokens: int, k: int, max_ngram: int
     return run
 
 
+def eagle_setting(text: str) -> tuple[str, int]:
+    """``"artifacts/eagle/head:4"`` -> (head path, k 4)."""
+    path, _, k = text.rpartition(":")
+    if not path or not k.isdigit() or int(k) < 1:
+        raise InvalidParameterError(f"--eagle {text!r} is not HEAD:K with K >= 1 (e.g. artifacts/eagle/head:4)")
+    return path, int(k)
+
+
+def eagle_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> list[Config]:
+    """Ours speculative sampling with an EAGLE head as the drafter (no HF counterpart)."""
+    configs = []
+    for text in args.eagle:
+        path, k = eagle_setting(text)
+        method = SpeculativeSampling(k, drafter=EagleDrafter(path))
+        method.prepare(models.info["target"], None)  # a missing head or one for another target: refused here
+        method.drafter.load(models.target)  # now, so that the forward meter can hook it
+        label = f"k={k} head={path}"
+        config = Config("ours eagle", label, ours_runner(method, models, args.max_new_tokens, eos), True, True)
+        config.head = method.drafter.head
+        configs.append(config)
+    return configs
+
+
+def eagle_draft_cost(args: argparse.Namespace, models: Models, context: torch.Tensor) -> dict[str, float]:
+    """ms per proposed token of each --eagle head (a chain of 8 after ``context``, mean of 5), and that as a share
+    of a 1-token target forward: what a draft step costs, lm_head rows included."""
+    costs = {}
+    for text in dict.fromkeys(path for path, _ in map(eagle_setting, args.eagle)):
+        drafter = EagleDrafter(text)
+        drafter.prepare(models.info["target"])
+        drafter.begin(None, models.target.config.vocab_size, input_device(models.target), target=models.target)
+        sequence = context[0].tolist()
+        _, hidden = model_logits_and_hidden(models.target, context, new_cache())
+        drafter.commit(len(sequence) - 1, hidden[0, :-1])
+        seconds = []
+        for attempt in range(6):  # the first one warms up
+            synchronize(models.device)
+            started = time.perf_counter()
+            drafter.propose(sequence, 8, SamplingConfig(), None)
+            synchronize(models.device)
+            drafter.commit(len(sequence) - 1, hidden[0, :0])  # back to the exact pairs: nothing new committed
+            if attempt:
+                seconds.append((time.perf_counter() - started) / 8)
+        costs[text] = 1000 * statistics.mean(seconds)
+    return costs
+
+
 def lookup_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> list[Config]:
     """Ours prompt lookup (a chain) next to HF's with the same N and G, then our lookup trees (no HF twin)."""
     n, min_ngram = args.max_new_tokens, args.min_ngram
@@ -627,7 +680,7 @@ def build_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> li
     for shape in args.specexec:
         method, label = specexec_method(shape, args)
         configs.append(Config("ours specexec", label, ours_runner(method, models, n, eos), True, True))
-    return unique(configs + lookup_configs(args, models, eos))
+    return unique(configs + lookup_configs(args, models, eos) + eagle_configs(args, models, eos))
 
 
 def unique(configs: list[Config]) -> list[Config]:
@@ -833,6 +886,10 @@ def print_report(report: dict[str, Any]) -> None:
           "warm-up per configuration")
     latency = ", ".join(f"{size} tok {ms:.1f} ms" for size, ms in report["target_forward_ms"].items())
     print(f"target forward latency (mean of {LATENCY_REPEATS}, after the first prompt): {latency}")
+    one_token = report["target_forward_ms"][1]
+    for head, ms in report.get("eagle_draft_ms_per_token", {}).items():
+        print(f"EAGLE head {head}: {ms:.2f} ms per proposed token = {100 * ms / one_token:.1f}% of a 1-token target "
+              "forward")
     resident = report.get("resident_mb") or []
     if len(resident) > 1:
         print(f"resident memory after the warm-up and after each pass: {', '.join(f'{mb:.0f}' for mb in resident)} MB "
@@ -862,7 +919,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         latency = target_forward_latency(models, inputs[0])
         configs = build_configs(args, models, eos)
-        meter = ForwardMeter(models)
+        head_ms = eagle_draft_cost(args, models, inputs[0])
+        meter = ForwardMeter(models, [config.head for config in configs if config.head is not None])
         with meter.installed():
             warm_up(configs, inputs[0], meter)
             resident = [resident_mb()]  # after the warm-up, then after each pass: caches must not pile up
@@ -881,6 +939,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "prompt_tokens": [input_ids.shape[1] for input_ids in inputs], "min_ngram": args.min_ngram,
         },
         "target_forward_ms": latency,
+        "eagle_draft_ms_per_token": head_ms,
         "resident_mb": resident,
         "rows": build_rows(configs, passes, eos),
     }

@@ -32,8 +32,10 @@ def generate(method, target, prompt, max_new_tokens, sampling=GREEDY, generator=
     return method.generate(target, None, torch.tensor([list(prompt)]), max_new_tokens, sampling, set(eos), generator)
 
 
-def eagle(target, tmp_path, top_token_ids=None, seed=0, name="head", k=3, cls=SpeculativeSampling, train_on=None):
-    """Speculative sampling with an EAGLE head saved to tmp_path (random, or trained a little on ``train_on``)."""
+def eagle(target, tmp_path, top_token_ids=None, seed=0, name="head", k=3, cls=SpeculativeSampling, train_on=None,
+          tree=None):
+    """Speculative sampling with an EAGLE head saved to tmp_path (random, or trained a little on ``train_on``);
+    ``tree=(budget, max_depth)``: SpecExec growing its tree with the head (EAGLE-2) instead."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         head = EagleHead(target.config, top_token_ids=top_token_ids)
@@ -41,6 +43,10 @@ def eagle(target, tmp_path, top_token_ids=None, seed=0, name="head", k=3, cls=Sp
         train_head(head, target, train_on)
     path = tmp_path / name
     head.save(path, {"target": None})
+    if tree is not None:
+        budget, depth = tree
+        return (cls if cls is not SpeculativeSampling else SpecExec)(budget=budget, max_depth=depth,
+                                                                      drafter=EagleDrafter(str(path)))
     return cls(k, drafter=EagleDrafter(str(path)))
 
 
@@ -96,6 +102,23 @@ def test_greedy_equals_baseline(target, tmp_path, greedy_texts, k, subset):
         assert len(generation.tokens) == stats.accepted_tokens + stats.target_calls
         accepted += stats.accepted_tokens
     assert accepted > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("shape", [(6, 3), (16, 6)])
+@pytest.mark.parametrize("subset", [False, True])
+def test_tree_greedy_equals_baseline(target, tmp_path, greedy_texts, shape, subset):
+    """SpecExec growing its tree with the head: the baseline's tokens, drafts accepted, trees really branching."""
+    ids = torch.arange(0, 128, 2) if subset else None
+    method = eagle(target, tmp_path, top_token_ids=ids, tree=shape, train_on=[t[:40] for t in greedy_texts])
+    accepted = 0
+    for prompt in PROMPTS:
+        generation = generate(method, target, prompt, 30)
+        assert generation.tokens == generate(Baseline(), target, prompt, 30).tokens, f"prompt {prompt}"
+        assert generation.stats.extra["tree_size"][0] == 0  # the first iteration is the target's prefill
+        accepted += generation.stats.accepted_tokens
+    assert accepted > 0 and max(generation.stats.extra["leaves"]) > 1
+    assert method.name == "specexec+eagle" and method.params()["drafter"] == "eagle"
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -160,8 +183,8 @@ def window_counts(method, model, n_samples: int) -> tuple[Counter, list]:
     return counts, runs
 
 
-def sampling_case(sharp_target, tmp_path, n_samples, cls=SpeculativeSampling):
-    method = eagle(sharp_target, tmp_path, k=2, cls=cls, seed=1)
+def sampling_case(sharp_target, tmp_path, n_samples, cls=SpeculativeSampling, tree=None):
+    method = eagle(sharp_target, tmp_path, k=2, cls=cls, seed=1, tree=tree)
     counts, runs = window_counts(method, sharp_target, n_samples)
     return counts, runs, exact_window_law(sharp_target, SMALL_PROMPT, WINDOW, SAMPLING)
 
@@ -177,10 +200,19 @@ def test_sampling_is_exact(sharp_target, tmp_path, goodness_of_fit):
     assert goodness_of_fit(counts, exact) > ALPHA
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_tree_sampling_is_exact(sharp_target, tmp_path, goodness_of_fit):
+    """The head's tree (budget 4, depth 2) under sampling: off-first-branch acceptances happen, law exact."""
+    counts, runs, exact = sampling_case(sharp_target, tmp_path, 4_000, tree=(4, 2))
+    assert sum(run.stats.accepted_tokens for run in runs) > 0.05 * len(runs)
+    assert goodness_of_fit(counts, exact) > ALPHA
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-def test_sampling_is_exact_20k(sharp_target, tmp_path, goodness_of_fit):
-    counts, _, exact = sampling_case(sharp_target, tmp_path, 20_000)
+@pytest.mark.parametrize("tree", [None, (4, 2)])
+def test_sampling_is_exact_20k(sharp_target, tmp_path, goodness_of_fit, tree):
+    counts, _, exact = sampling_case(sharp_target, tmp_path, 20_000, tree=tree)
     assert goodness_of_fit(counts, exact) > ALPHA
 
 
@@ -233,8 +265,6 @@ def test_refusals(tmp_path, target):
         EagleDrafter("")
     with pytest.raises(InvalidParameterError, match="confidence_threshold"):
         SpeculativeSampling(4, confidence_threshold=0.3, drafter=EagleDrafter("x"))
-    with pytest.raises(InvalidParameterError, match="no tree form"):
-        SpecExec(budget=8, drafter=EagleDrafter("x"))
     without_path = SpeculativeSampling(2, drafter=EagleDrafter())
     with pytest.raises(InvalidParameterError, match="no head_path"):
         generate(without_path, target, PROMPTS[0], 4)

@@ -89,7 +89,12 @@ def model_logits(
 
 
 def model_logits_and_hidden(
-    model, input_ids: torch.Tensor, cache, logits_to_keep: int | None = None
+    model,
+    input_ids: torch.Tensor,
+    cache,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    logits_to_keep: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Like :func:`model_logits`, plus the final-layer hidden states after the final norm: (1, n, vocab), (1, n, H).
 
@@ -97,6 +102,8 @@ def model_logits_and_hidden(
     """
     out = model(
         input_ids=input_ids, **{_cache_keyword(type(model)): cache}, use_cache=True, output_hidden_states=True,
+        **({} if position_ids is None else {"position_ids": position_ids}),
+        **({} if attention_mask is None else {"attention_mask": attention_mask}),
         **_keep_kwargs(model, logits_to_keep, input_ids),
     )
     return out.logits, out.hidden_states[-1]

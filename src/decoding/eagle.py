@@ -45,6 +45,7 @@ class EagleDrafter(Drafter):
     name = "eagle"
     needs_draft_model = False
     needs_target_features = True
+    grows_trees = True  # SpecExec grows its tree best-first with root_logits / expand_logits (EAGLE-2)
 
     def __init__(self, head_path: str | None = None) -> None:
         if head_path is not None and (not isinstance(head_path, str) or not head_path):
@@ -134,6 +135,46 @@ class EagleDrafter(Drafter):
                 predicted = self._step(predicted[None], token, length - 1 + i)
         q = torch.stack(q_rows) if q_rows else None
         return Proposal(torch.cat(drafts), q, forwards=k)
+
+    # ---------------------------------------------------------------- tree form (SpecExec, EAGLE-2)
+
+    def root_logits(self, sequence: list[int]) -> torch.Tensor | None:
+        """q(. | committed) over the shared ids (1, V), from the exact pairs' forward; None in the first
+        iteration (the target's prefill). Keeps f̂ of the root for its children."""
+        length = len(sequence)
+        if self.known == 0:
+            return None
+        start = cache_length(self.cache)
+        features = torch.cat(self.features)[start:]  # (m, H)
+        tokens = torch.tensor(sequence[start + 1 :], device=self.device)  # (m,)
+        self.root_position = length - 1
+        self.exact_pairs = length - 1
+        self.node_features = {0: self._step(features, tokens, start)}  # node id -> its f̂ (H,)
+        return self._widened_logits(self.node_features[0][None])
+
+    def expand_logits(self, tree, batch: list[int], slots: list[int], root_position: int) -> torch.Tensor:
+        """q(. | path to node) (b, V) for the b nodes of ``batch`` in one head forward: node n at depth d reads
+        (f̂ of its parent, its token) at pair index root_position + d - 1, and sees the exact pairs, its expanded
+        ancestors and itself."""
+        from src.decoding.tree import growth_mask, tree_position_ids
+
+        parents = [self.node_features[int(tree.parents[node])] for node in batch]
+        features = torch.stack(parents)[None]  # (1, b, H)
+        tokens = torch.tensor([[tree.tokens[node] for node in batch]], device=self.device)  # (1, b)
+        mask = growth_mask(tree, batch, slots, self.exact_pairs).to(self.device)  # (1, 1, b, pairs + s + b)
+        positions = torch.tensor([tree_position_ids(tree, batch, root_position - 1)], device=self.device)
+        out = self.head(features.to(self.embed.weight.dtype), self.embed(tokens), position_ids=positions,
+                        cache=self.cache, attention_mask=mask)[0]  # (b, H)
+        self.node_features.update(zip(batch, out))
+        return self._widened_logits(out)
+
+    def _widened_logits(self, predicted: torch.Tensor) -> torch.Tensor:
+        """(b, H) -> (b, V): the head's logits, -inf outside its vocabulary subset."""
+        logits = self.head.logits(predicted, self.lm_head.weight, getattr(self.lm_head, "bias", None))
+        if self.ids is None:
+            return logits[:, : self.vocab]
+        wide = logits.new_full((logits.shape[0], self.vocab), float("-inf"))
+        return wide.index_copy_(1, self.ids, logits)
 
     def _step(self, features: torch.Tensor, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Head forward over pairs at positions ``position``..: features (m, H), tokens (m,) -> f̂ of the last (H,)."""

@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, input_device, model_logits, vocab_width
+from src.decoding.base import (
+    DecodingMethod,
+    check_generate_args,
+    input_device,
+    model_logits,
+    model_logits_and_hidden,
+    vocab_width,
+)
 from src.decoding.drafters import Drafter, ModelDrafter
 from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, next_token
@@ -106,7 +113,8 @@ class SpecExec(DecodingMethod):
         growth = {"max_beams": (max_beams, 8), "max_branch_width": (max_branch_width, 8),
                   "prune_threshold": (prune_threshold, 0.0), "scoring_temperature": (scoring_temperature, None)}
         changed = [f"{name}={value!r}" for name, (value, default) in growth.items() if value != default]
-        if not isinstance(self.drafter, ModelDrafter) and changed:
+        grows = isinstance(self.drafter, ModelDrafter) or getattr(self.drafter, "grows_trees", False)
+        if not grows and changed:
             raise InvalidParameterError(
                 f"{', '.join(changed)} shape a draft model's best-first growth, but the drafter is "
                 f"{self.drafter.name!r}: drop them (its tree is set by budget, max_depth and the drafter's own options)"
@@ -116,10 +124,10 @@ class SpecExec(DecodingMethod):
                 "top_tokens restricts a chain drafter, but SpecExec grows its tree from the full draft: drop "
                 "top_tokens / token_map, or use SpeculativeSampling"
             )
-        if not isinstance(self.drafter, ModelDrafter) and not hasattr(self.drafter, "continuations"):
+        if not grows and not hasattr(self.drafter, "continuations"):
             raise InvalidParameterError(
                 f"drafter {self.drafter.name!r} has no tree form: use it with speculative sampling, or use "
-                "PromptLookup / the draft model with SpecExec"
+                "PromptLookup, EagleDrafter or the draft model with SpecExec"
             )
 
     @property
@@ -141,10 +149,20 @@ class SpecExec(DecodingMethod):
         }
         if self.scoring_temperature is not None:  # only when set: earlier results keep their resume keys
             params["scoring_temperature"] = self.scoring_temperature
-        if not isinstance(self.drafter, ModelDrafter):  # the tree comes from the drafter: only these shape it
+        if getattr(self.drafter, "grows_trees", False):  # a trained head grows the tree best-first too
+            params = {**params, "drafter": self.drafter.name, **self.drafter.params()}
+        elif not isinstance(self.drafter, ModelDrafter):  # the tree comes from the drafter: only these shape it
             params = {"budget": self.budget, "max_depth": self.max_depth, "drafter": self.drafter.name,
                       **self.drafter.params()}
         return params
+
+    def input_files(self) -> list[str]:
+        """A trained head's files: hashed into the run fingerprint."""
+        return self.drafter.input_files()
+
+    def prepare(self, target_info: dict[str, Any], draft_info: dict[str, Any] | None) -> None:
+        """A trained head checks that it was trained for this target."""
+        self.drafter.prepare(target_info)
 
     def scoring(self, sampling: SamplingConfig) -> SamplingConfig:
         """The distribution that ranks tree nodes. Under sampling, the same warped q as everywhere; under greedy,
@@ -182,6 +200,10 @@ class SpecExec(DecodingMethod):
         stop_tokens = frozenset(eos_token_ids)
         tree = DraftTree(self.tree_capacity(vocab))
         target_cache, draft_cache = new_cache(), new_cache()
+        head = self.drafter if getattr(self.drafter, "grows_trees", False) else None  # an EAGLE head
+        if head is not None:
+            head.begin(None, vocab, device, target=target)
+            draft_cache = None  # the head keeps its own cache (exact pairs only) and rolls it back at commit
         committed = input_ids[0].tolist()  # prompt + emitted tokens; the last one (the root) is in no cache
         tokens: list[int] = []
         stats = GenerationStats()
@@ -192,16 +214,21 @@ class SpecExec(DecodingMethod):
             # A tree path of depth d yields at most d + 1 tokens: cap d by what may still be emitted.
             depth_cap = min(self.max_depth, max_new_tokens - len(tokens) - 1)
             tree.reset(committed[-1], depth_cap, stop_tokens)
-            if self.needs_draft:
-                slots, draft_forwards, generated = self._grow_tree(
-                    draft, draft_cache, tree, committed, scoring, vocab, draft_device
-                )
+            if self.needs_draft or head is not None:
+                grower = head if head is not None else ModelGrowth(draft, draft_cache, vocab, draft_device)
+                slots, draft_forwards, generated = self._grow_tree(grower, tree, committed, scoring)
             else:
                 slots, draft_forwards, generated = [], 0, self._branch_tree(tree, committed, depth_cap, vocab)
             nodes = tree.node_ids()  # n drafted nodes, in creation order
-            logits = self._verify_tree(target, target_cache, tree, nodes, committed, vocab, device)  # (1 + n, V)
+            cached = cache_length(target_cache)
+            logits, features = self._verify_tree(target, target_cache, tree, nodes, committed, vocab, device,
+                                                 with_hidden=head is not None)  # (1 + n, V), (m + n, H) | None
             emitted, accepted = self._walk_tree(tree, nodes, logits, sampling, generator, eos_token_ids)
             self._compact_caches(target_cache, draft_cache, nodes, slots, accepted, len(committed))
+            if head is not None:  # the target's features of the chain and the accepted path, in position order
+                m, row_of = len(committed) - cached, {node: i for i, node in enumerate(nodes)}
+                rows = list(range(m)) + [m + row_of[node] for node in accepted]
+                head.commit(len(committed) + len(accepted), features[rows])
             committed.extend(emitted)
             tokens.extend(emitted)
 
@@ -230,42 +257,32 @@ class SpecExec(DecodingMethod):
 
     # ----------------------------------------------------------------------------------- stage a: grow
     def _grow_tree(
-        self,
-        draft,
-        cache,
-        tree: DraftTree,
-        committed: list[int],
-        scoring: SamplingConfig,
-        vocab: int,
-        device: torch.device,
+        self, grower, tree: DraftTree, committed: list[int], scoring: SamplingConfig
     ) -> tuple[list[int], int, int]:
-        """Best-first growth on the draft. Returns (slots, draft forwards, candidates generated), where
-        ``slots`` lists the expanded non-root nodes in the order their KV entries follow the prefix."""
+        """Best-first growth. ``grower`` scores children: the draft model (:class:`ModelGrowth`) or a trained
+        head (``EagleDrafter``). Returns (slots, draft forwards, candidates generated), where ``slots`` lists the
+        expanded non-root nodes in the order their KV entries follow the prefix in the grower's cache."""
         slots: list[int] = []
         if not tree.pop_frontier(1):
             return slots, 0, 0  # depth cap 0: the root alone is verified
         root_position = len(committed) - 1
 
-        # Step 1: expand the root: one causal forward over the committed tokens the draft has not cached yet
-        # (the root, plus the last accepted node when the draft never ran on it); q(. | root) is the last row.
-        chain = torch.tensor([committed[cache_length(cache) :]], device=device)  # (1, m)
-        logits = model_logits(draft, chain, cache, logits_to_keep=1)[0, -1:, :vocab]  # (1, V)
+        # Step 1: expand the root: q(. | committed) from one forward over what the grower has not read yet.
+        logits = grower.root_logits(committed)  # (1, V), or None: nothing to draft from yet (a head's prefill)
+        if logits is None:
+            return slots, 0, 0
         generated, _ = self._expand(tree, [0], logits, scoring)
         forwards = 1
 
-        # Step 2: each further round expands the max_beams best open nodes in one batched forward. The draft
-        # cache holds the prefix (root included: root_position + 1 entries) then ``slots``; a node sees the
-        # prefix, its expanded ancestors and itself, at position root_position + depth.
+        # Step 2: each further round expands the max_beams best open nodes in one batched forward; a node sees
+        # the prefix, its expanded ancestors and itself.
         for _ in range(self.max_depth - 1):
             if not tree.can_improve(self.budget):
                 break  # the tree is full and no open node's children could outrank its worst node
             batch = tree.pop_frontier(self.max_beams)  # b node ids, best first
             if not batch:
                 break
-            mask = growth_mask(tree, batch, slots, root_position + 1).to(device)  # (1, 1, b, prefix + s + b)
-            positions = torch.tensor([tree_position_ids(tree, batch, root_position)], device=device)  # (1, b)
-            batch_tokens = torch.tensor([[tree.tokens[node] for node in batch]], device=device)  # (1, b)
-            logits = model_logits(draft, batch_tokens, cache, positions, mask)[0, :, :vocab]  # (b, V)
+            logits = grower.expand_logits(tree, batch, slots, root_position)  # (b, V)
             slots.extend(batch)
             forwards += 1
             proposed, entered = self._expand(tree, batch, logits, scoring)
@@ -324,22 +341,26 @@ class SpecExec(DecodingMethod):
         committed: list[int],
         vocab: int,
         device: torch.device,
-    ) -> torch.Tensor:
+        with_hidden: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One target forward over (uncached committed chain ending at the root) + tree nodes.
-        Returns logits (1 + n, V): row 0 = p(. | root), row 1 + i = p(. | path to nodes[i])."""
+        Returns logits (1 + n, V): row 0 = p(. | root), row 1 + i = p(. | path to nodes[i]); and, when asked,
+        the final-norm hidden states (m + n, H) of every input (the m chain tokens, then the nodes)."""
         cached = cache_length(cache)
         chain = committed[cached:]  # m tokens, normally just the root
         root_position = len(committed) - 1
         input_ids = torch.tensor([chain + [tree.tokens[node] for node in nodes]], device=device)  # (1, m + n)
         keep = len(nodes) + 1  # the rows of the root and the nodes (the chain's earlier rows are not needed)
-        if not nodes:
-            logits = model_logits(target, input_ids, cache, logits_to_keep=keep)
-        else:
+        positions_t = mask = None
+        if nodes:
             positions = list(range(cached, root_position + 1)) + tree_position_ids(tree, nodes, root_position)
             mask = verify_mask(tree, nodes, len(chain), cached).to(device)  # (1, 1, m + n, cached + m + n)
             positions_t = torch.tensor([positions], device=device)
-            logits = model_logits(target, input_ids, cache, positions_t, mask, logits_to_keep=keep)
-        return logits[0, -keep:, :vocab]
+        if with_hidden:
+            logits, hidden = model_logits_and_hidden(target, input_ids, cache, positions_t, mask, logits_to_keep=keep)
+            return logits[0, -keep:, :vocab], hidden[0]
+        logits = model_logits(target, input_ids, cache, positions_t, mask, logits_to_keep=keep)
+        return logits[0, -keep:, :vocab], None
 
     # ----------------------------------------------------------------------------------- stage c: walk
     @staticmethod
@@ -394,7 +415,7 @@ class SpecExec(DecodingMethod):
         if nodes:
             index_of = {node: i for i, node in enumerate(nodes)}
             _keep_after_prefix(target_cache, prefix_len, [index_of[node] for node in accepted])
-        if slots:
+        if slots and draft_cache is not None:
             slot_of = {node: i for i, node in enumerate(slots)}
             kept: list[int] = []
             for node in accepted:
@@ -402,6 +423,27 @@ class SpecExec(DecodingMethod):
                     break
                 kept.append(slot_of[node])
             _keep_after_prefix(draft_cache, prefix_len, kept)
+
+
+class ModelGrowth:
+    """Tree growth on a draft model: its cache holds the committed prefix (root included) then the expanded
+    nodes (``slots``) in expansion order."""
+
+    def __init__(self, draft, cache, vocab: int, device: torch.device) -> None:
+        self.draft, self.cache, self.vocab, self.device = draft, cache, vocab, device
+
+    def root_logits(self, committed: list[int]) -> torch.Tensor:
+        """One causal forward over the committed tokens the draft has not cached (the root, plus the last
+        accepted node when the draft never ran on it): q(. | root) is the last row, (1, V)."""
+        chain = torch.tensor([committed[cache_length(self.cache) :]], device=self.device)  # (1, m)
+        return model_logits(self.draft, chain, self.cache, logits_to_keep=1)[0, -1:, : self.vocab]
+
+    def expand_logits(self, tree: DraftTree, batch: list[int], slots: list[int], root_position: int) -> torch.Tensor:
+        """q(. | path to node) for the b nodes of ``batch``, in one forward with a growth mask: (b, V)."""
+        mask = growth_mask(tree, batch, slots, root_position + 1).to(self.device)  # (1, 1, b, prefix + s + b)
+        positions = torch.tensor([tree_position_ids(tree, batch, root_position)], device=self.device)  # (1, b)
+        tokens = torch.tensor([[tree.tokens[node] for node in batch]], device=self.device)  # (1, b)
+        return model_logits(self.draft, tokens, self.cache, positions, mask)[0, :, : self.vocab]
 
 
 def _keep_after_prefix(cache, prefix_len: int, keep: list[int]) -> None:
