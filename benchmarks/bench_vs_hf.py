@@ -208,6 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eagle", nargs="*", default=[], metavar="HEAD:K",
                         help="EAGLE rows: ours speculative with EagleDrafter(HEAD) drafting K tokens per target call,"
                         " e.g. artifacts/eagle/head:4 (no draft model; HEAD as given to head_path)")
+    parser.add_argument("--eagle-tree", nargs="*", default=[], metavar="HEAD:BUDGET:DEPTH",
+                        help="EAGLE tree rows: ours SpecExec growing its tree with EagleDrafter(HEAD), e.g."
+                        " artifacts/eagle/head:16:6 (SpecExec's growth defaults; --max-beams etc. apply)")
     parser.add_argument("--max-beams", type=positive_int, default=None, help="SpecExec max_beams (its default)")
     parser.add_argument("--max-branch-width", type=positive_int, default=None,
                         help="SpecExec max_branch_width (its default)")
@@ -601,11 +604,33 @@ def eagle_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> li
     return configs
 
 
+def eagle_tree_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> list[Config]:
+    """Ours SpecExec with an EAGLE head growing the tree (EAGLE-2's dynamic tree; no HF counterpart)."""
+    configs = []
+    for text in args.eagle_tree:
+        rest, _, depth = text.rpartition(":")
+        path, _, budget = rest.rpartition(":")
+        if not path or not budget.isdigit() or not depth.isdigit() or min(int(budget), int(depth)) < 1:
+            raise InvalidParameterError(f"--eagle-tree {text!r} is not HEAD:BUDGET:DEPTH (e.g. artifacts/eagle/head:16:6)")
+        options = {name: getattr(args, name) for name in ("max_beams", "max_branch_width", "prune_threshold")
+                   if getattr(args, name) is not None}
+        method = SpecExec(budget=int(budget), max_depth=int(depth), drafter=EagleDrafter(path), **options)
+        method.prepare(models.info["target"], None)
+        method.drafter.load(models.target)
+        label = f"budget={budget} depth={depth} head={path}"
+        config = Config("ours eagle tree", label, ours_runner(method, models, args.max_new_tokens, eos), True, True)
+        config.head = method.drafter.head
+        configs.append(config)
+    return configs
+
+
 def eagle_draft_cost(args: argparse.Namespace, models: Models, context: torch.Tensor) -> dict[str, float]:
     """ms per proposed token of each --eagle head (a chain of 8 after ``context``, mean of 5), and that as a share
     of a 1-token target forward: what a draft step costs, lm_head rows included."""
     costs = {}
-    for text in dict.fromkeys(path for path, _ in map(eagle_setting, args.eagle)):
+    heads = [path for path, _ in map(eagle_setting, args.eagle)]
+    heads += [text.rsplit(":", 2)[0] for text in args.eagle_tree]
+    for text in dict.fromkeys(heads):
         drafter = EagleDrafter(text)
         drafter.prepare(models.info["target"])
         drafter.begin(None, models.target.config.vocab_size, input_device(models.target), target=models.target)
@@ -680,7 +705,8 @@ def build_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> li
     for shape in args.specexec:
         method, label = specexec_method(shape, args)
         configs.append(Config("ours specexec", label, ours_runner(method, models, n, eos), True, True))
-    return unique(configs + lookup_configs(args, models, eos) + eagle_configs(args, models, eos))
+    return unique(configs + lookup_configs(args, models, eos) + eagle_configs(args, models, eos)
+                  + eagle_tree_configs(args, models, eos))
 
 
 def unique(configs: list[Config]) -> list[Config]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 BENCH = ROOT / "benchmarks" / "bench_vs_hf.py"
@@ -70,6 +71,24 @@ def test_bench_vs_hf_smoke_run_prints_every_row_and_writes_json(tmp_path):
     for method, params in (("ours speculative", "k=2 threshold=0.4 heuristic"), ("ours specexec", "budget=4"),
                            ("ours lookup tree", "branches=4")):
         assert any(line.startswith(method) and params in line for line in result.stdout.splitlines())
+
+
+def test_bench_vs_hf_eagle_rows_report_draft_cost_and_stay_exact(tmp_path, embedded_target):
+    """An (untrained) EAGLE head for the embedded target: chain and tree rows reproduce the greedy output, head
+    forwards count as draft forwards, and the draft cost per proposed token is printed."""
+    from src.models.eagle import EagleHead
+
+    EagleHead(embedded_target.model.config, top_token_ids=torch.arange(0, 4096)).save(tmp_path / "head", {"target": None})
+    report, data = tmp_path / "bench.json", tmp_path / "prompts.jsonl"
+    write_prompts(data)
+    head = str(tmp_path / "head")
+    result = run_bench("--prompts", "1", "--max-new-tokens", "6", "--ks", "--specexec", "--eagle", f"{head}:3",
+                       "--eagle-tree", f"{head}:6:3", "--data", str(data), "--threads", "1", "--json", str(report))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    rows = {(row["method"], row["params"]): row for row in json.loads(report.read_text())["rows"]}
+    eagle_rows = [rows[("ours eagle", f"k=3 head={head}")], rows[("ours eagle tree", f"budget=6 depth=3 head={head}")]]
+    assert all(row["identical"] and row["draft_per_call"]["mean"] > 0 for row in eagle_rows)
+    assert f"EAGLE head {head}:" in result.stdout and "% of a 1-token target forward" in result.stdout
 
 
 def test_bench_vs_hf_refuses_an_unknown_category_naming_those_available(tmp_path):

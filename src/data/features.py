@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from src.data.mining import read_jsonl_rows
 from src.decoding.base import input_device
 from src.errors import IncompatibleModelsError, InvalidParameterError, MalformedInputError, MissingInputError
 
@@ -458,21 +459,7 @@ def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                continue  # a line cut by a killed run
-            raise MalformedInputError(f"{path}:{number} is not valid JSON: delete the feature store and "
-                                      "build it again") from error
-    return rows
+    return read_jsonl_rows(path, "delete the feature store and build it again")
 
 
 # ---------------------------------------------------------------- teacher-forced features

@@ -285,7 +285,7 @@ class LabelStore:
         return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else {}
 
     def finished_prompts(self) -> dict[str, dict[str, Any]]:
-        return {row["prompt_id"]: row for row in _read_jsonl(self.root / "prompts.jsonl")}
+        return {row["prompt_id"]: row for row in read_jsonl_rows(self.root / "prompts.jsonl")}
 
     def add(self, prompt_id: str, mined: MinedPrompt, seconds: float) -> None:
         """Write one prompt: features shard, label rows, then the prompt row that marks it finished."""
@@ -315,7 +315,7 @@ class LabelStore:
         from safetensors.torch import load_file
 
         finished = self.finished_prompts()
-        rows = [r for r in _read_jsonl(self.root / "labels.jsonl") if r["prompt_id"] in finished]
+        rows = [r for r in read_jsonl_rows(self.root / "labels.jsonl") if r["prompt_id"] in finished]
         # A prompt mined twice (killed after its shard, before its prompt row) keeps its last rows only.
         latest = {(r["prompt_id"], r["row"]): r for r in rows}
         rows = list(latest.values())
@@ -334,7 +334,9 @@ class LabelStore:
         )
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl_rows(path: Path, fix: str = "delete the label store and mine again") -> list[dict[str, Any]]:
+    """The rows of an append-only JSONL store file ([] when absent); a last line cut by a killed run is
+    skipped, any other bad line is a one-line error ending with ``fix``."""
     if not path.is_file():
         return []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -347,7 +349,5 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as error:
             if number == len(lines):
                 continue  # a line cut by a killed run
-            raise MalformedInputError(
-                f"{path}:{number} is not valid JSON: delete the label store and mine again"
-            ) from error
+            raise MalformedInputError(f"{path}:{number} is not valid JSON: {fix}") from error
     return rows

@@ -357,8 +357,10 @@ class EagleModule(DecodingModule):
 
     def head_choice(self, features, weight, bias, vocab_ids, full: bool = False) -> torch.Tensor:
         """argmax token of lm_head(features): over every id (the target's choice) or over the head's subset."""
-        if full:
-            return F.linear(features, weight, bias).argmax(-1)
+        if full:  # over the whole vocabulary, a few hundred positions at a time (B x T x V floats is GBs)
+            flat = features.reshape(-1, features.shape[-1])
+            choice = torch.cat([F.linear(part, weight, bias).argmax(-1) for part in flat.split(512)])
+            return choice.reshape(features.shape[:-1])
         choice = self.head.logits(features, weight, bias).argmax(-1)
         return vocab_ids.to(choice.device)[choice] if vocab_ids is not None else choice
 
