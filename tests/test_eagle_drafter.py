@@ -52,16 +52,21 @@ def eagle(target, tmp_path, top_token_ids=None, seed=0, name="head", k=3, cls=Sp
 
 def train_head(head: EagleHead, target, sequences: list[list[int]], steps: int = 150) -> None:
     """Teacher-forced EAGLE training on the target's own features of ``sequences`` (regression + token CE)."""
+    batches = []
     with torch.no_grad():
-        ids = torch.tensor(sequences)  # (B, T)
-        features = target(input_ids=ids, output_hidden_states=True).hidden_states[-1]  # (B, T, H)
-        embedded = target.get_input_embeddings()(ids[:, 1:])  # x_{t+1}
-        p = torch.softmax(head.logits(features[:, 1:], target.lm_head.weight), -1)
+        for sequence in sequences:  # one at a time: lengths may differ
+            ids = torch.tensor([sequence])  # (1, T)
+            features = target(input_ids=ids, output_hidden_states=True).hidden_states[-1]  # (1, T, H)
+            embedded = target.get_input_embeddings()(ids[:, 1:])  # x_{t+1}
+            p = torch.softmax(head.logits(features[:, 1:], target.lm_head.weight), -1)
+            batches.append((features, embedded, p))
     optimizer = torch.optim.Adam(head.parameters(), lr=3e-3)
     for _ in range(steps):
-        predicted = head(features[:, :-1], embedded)  # f̂_{t+1}
-        log_q = torch.log_softmax(head.logits(predicted, target.lm_head.weight), -1)
-        loss = torch.nn.functional.smooth_l1_loss(predicted, features[:, 1:]) - 0.1 * (p * log_q).sum(-1).mean()
+        loss = 0.0
+        for features, embedded, p in batches:
+            predicted = head(features[:, :-1], embedded)  # f̂_{t+1}
+            log_q = torch.log_softmax(head.logits(predicted, target.lm_head.weight), -1)
+            loss = loss + torch.nn.functional.smooth_l1_loss(predicted, features[:, 1:]) - 0.1 * (p * log_q).sum(-1).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -294,3 +299,47 @@ def test_window_law_enumeration_matches_sampling_itself(sharp_target):
                      for _ in range(2_000))
     assert fit_pvalue(counts, exact_window_law(sharp_target, SMALL_PROMPT, WINDOW, SAMPLING)) > ALPHA
     assert len(list(itertools.islice(counts, 3))) == 3
+
+
+# ---------------------------------------------------------------- the embedded SmolLM2
+
+
+@pytest.mark.slow
+def test_embedded_greedy_equals_baseline_chain_and_tree(embedded_target):
+    """SmolLM2 (fp32), 10 MT-Bench + 10 Spec-Bench prompts, 128 tokens: a head trained briefly on the target's
+    own answers to two of them drafts for a chain (k=4) and a tree (budget 16, depth 6); both reproduce the
+    baseline's tokens on every prompt, with drafts accepted."""
+    import tempfile
+    from pathlib import Path
+
+    from test_drafters import embedded_cases, logit_margin
+
+    from src.lit.records import first_divergence
+
+    model, tokenizer = embedded_target.model, embedded_target.tokenizer
+    eos = {tokenizer.eos_token_id}
+    cases = [(label, chat_ids(tokenizer, text)) for label, text in embedded_cases(mt_bench=10, spec_bench=10)]
+    expected = {label: Baseline().generate(model, None, ids, 128, GREEDY, eos).tokens for label, ids in cases}
+    with tempfile.TemporaryDirectory() as folder:
+        head = EagleHead(model.config, top_token_ids=torch.arange(0, 8192))
+        train_head(head, model, [cases[i][1][0].tolist() + expected[cases[i][0]] for i in (0, 1)], steps=100)
+        head.save(Path(folder) / "head", {"target": None})
+        methods = {"chain": SpeculativeSampling(4, drafter=EagleDrafter(str(Path(folder) / "head"))),
+                   "tree": SpecExec(budget=16, max_depth=6, drafter=EagleDrafter(str(Path(folder) / "head")))}
+        failures, accepted = [], Counter()
+        for label, ids in cases:
+            for name, method in methods.items():
+                generation = method.generate(model, None, ids, 128, GREEDY, eos)
+                accepted[name] += generation.stats.accepted_tokens
+                index = first_divergence(generation.tokens, expected[label])
+                if index is not None:
+                    margin = logit_margin(model, ids, expected[label], index)
+                    failures.append(f"{name} on {label}: first divergence at {index}, top-2 margin {margin:.2e}")
+    assert not failures, "\n".join(failures)
+    assert all(accepted[name] > 0 for name in methods), accepted
+
+
+def chat_ids(tokenizer, text: str) -> torch.Tensor:
+    from conftest import chat_input_ids
+
+    return chat_input_ids(tokenizer, text)
