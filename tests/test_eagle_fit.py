@@ -49,6 +49,7 @@ def tiny_data(tmp_path, **kwargs) -> EagleDataModule:
 
 @pytest.mark.usefixtures("one_thread")
 def test_fit_raises_agreement_and_exports_a_head_that_drafts(tmp_path, caplog):
+    L.seed_everything(0, verbose=False)  # the head's initial weights
     module, data = tiny_module(tmp_path, top_tokens=96, unroll_steps=2, eval_steps=3), tiny_data(tmp_path)
     trainer = L.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=-1)
