@@ -77,15 +77,7 @@ def model_logits(
     ``attention_mask`` may be a 4D tree mask (1, 1, n, cached + n); ``position_ids`` (1, n) then give each
     node's depth-based position.
     """
-    out = model(
-        input_ids=input_ids,
-        **{_cache_keyword(type(model)): cache},
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        use_cache=True,
-        **_keep_kwargs(model, logits_to_keep, input_ids),
-    )
-    return out.logits
+    return _forward(model, input_ids, cache, position_ids, attention_mask, logits_to_keep).logits
 
 
 def model_logits_and_hidden(
@@ -100,13 +92,21 @@ def model_logits_and_hidden(
 
     transformers returns the post-norm states as the last entry of ``hidden_states`` (the lm_head input).
     """
-    out = model(
-        input_ids=input_ids, **{_cache_keyword(type(model)): cache}, use_cache=True, output_hidden_states=True,
-        **({} if position_ids is None else {"position_ids": position_ids}),
-        **({} if attention_mask is None else {"attention_mask": attention_mask}),
+    out = _forward(model, input_ids, cache, position_ids, attention_mask, logits_to_keep, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+def _forward(model, input_ids, cache, position_ids, attention_mask, logits_to_keep, **extra):
+    """The one model call behind :func:`model_logits` and :func:`model_logits_and_hidden`."""
+    return model(
+        input_ids=input_ids,
+        **{_cache_keyword(type(model)): cache},
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=True,
+        **extra,
         **_keep_kwargs(model, logits_to_keep, input_ids),
     )
-    return out.logits, out.hidden_states[-1]
 
 
 class DecodingMethod(ABC):

@@ -102,6 +102,7 @@ class EagleDrafter(Drafter):
         self.lm_head = target.get_output_embeddings()
         self.cache = new_cache()
         self.features: list[torch.Tensor] = []  # (m, H) blocks of exact target features, in position order
+        self.fed_blocks = 0  # blocks already read into the head cache as exact pairs
         self.known = 0  # F: positions with an exact feature
         self.exact_pairs = 0  # pairs in the head cache fed with exact features
         ids = self.head.top_token_ids  # None: the head scores every id
@@ -115,7 +116,7 @@ class EagleDrafter(Drafter):
             raise RuntimeError(f"eagle drafter holds {self.known} features for a sequence of {length} tokens")
         # Step 1: exact pairs (f_j, x_{j+1}) for j = exact_pairs .. S-2, in one head forward; its last row is f̂_{S-1}.
         start = cache_length(self.cache)
-        features = torch.cat(self.features)[start:]  # (m, H)
+        features = self._unfed_features()  # (m, H): positions start .. S-2
         tokens = torch.tensor(sequence[start + 1 :], device=self.device)  # (m,)
         predicted = self._step(features, tokens, start)  # (H,)
         self.exact_pairs = length - 1
@@ -145,7 +146,7 @@ class EagleDrafter(Drafter):
         if self.known == 0:
             return None
         start = cache_length(self.cache)
-        features = torch.cat(self.features)[start:]  # (m, H)
+        features = self._unfed_features()  # (m, H): positions start .. S-2
         tokens = torch.tensor(sequence[start + 1 :], device=self.device)  # (m,)
         self.root_position = length - 1
         self.exact_pairs = length - 1
@@ -167,6 +168,12 @@ class EagleDrafter(Drafter):
                         cache=self.cache, attention_mask=mask)[0]  # (b, H)
         self.node_features.update(zip(batch, out))
         return self._widened_logits(out)
+
+    def _unfed_features(self) -> torch.Tensor:
+        """The feature blocks committed since the last proposal, (m, H): the head cache keeps exact pairs only,
+        so exactly these are not in it yet (no copy of the whole history per cycle)."""
+        blocks, self.fed_blocks = self.features[self.fed_blocks :], len(self.features)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def _widened_logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """(b, H) -> (b, V): the head's logits, -inf outside its vocabulary subset."""
