@@ -102,7 +102,6 @@ class EagleDrafter(Drafter):
         self.lm_head = target.get_output_embeddings()
         self.cache = new_cache()
         self.features: list[torch.Tensor] = []  # (m, H) blocks of exact target features, in position order
-        self.fed_blocks = 0  # blocks already read into the head cache as exact pairs
         self.known = 0  # F: positions with an exact feature
         self.exact_pairs = 0  # pairs in the head cache fed with exact features
         ids = self.head.top_token_ids  # None: the head scores every id
@@ -170,9 +169,16 @@ class EagleDrafter(Drafter):
         return self._widened_logits(out)
 
     def _unfed_features(self) -> torch.Tensor:
-        """The feature blocks committed since the last proposal, (m, H): the head cache keeps exact pairs only,
-        so exactly these are not in it yet (no copy of the whole history per cycle)."""
-        blocks, self.fed_blocks = self.features[self.fed_blocks :], len(self.features)
+        """The exact features of positions cache_length .. known - 1, (m, H), cut from the newest blocks only (the
+        head cache keeps exact pairs, so normally just the blocks committed since the last proposal): no copy of
+        the whole history per cycle."""
+        needed, blocks = self.known - cache_length(self.cache), []
+        for block in reversed(self.features):
+            if needed <= 0:
+                break
+            blocks.append(block[-needed:])
+            needed -= block.shape[0]
+        blocks.reverse()
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def _widened_logits(self, predicted: torch.Tensor) -> torch.Tensor:
