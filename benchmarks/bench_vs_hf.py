@@ -88,7 +88,7 @@ from typing import Any
 
 import torch
 
-from src.data.prompts import Prompt, encode_messages, read_prompt_file
+from src.data.prompts import Prompt, encode_messages, read_prompt_file, round_robin
 from src.decoding import Baseline, DecodingMethod, SamplingConfig, SpecExec, SpeculativeSampling
 from src.decoding.base import input_device, model_logits, model_logits_and_hidden
 from src.decoding.drafters import PromptLookup
@@ -331,18 +331,11 @@ def keep_categories(prompts: list[Prompt], categories: list[str] | None, source:
 
 def pick_prompts(prompts: list[Prompt], count: int, source: Path) -> list[Prompt]:
     """The first prompt of each category (file order), then the second of each, ...; the first ``count``."""
-    by_category: dict[str, list[Prompt]] = {}
-    for prompt in prompts:
-        by_category.setdefault(prompt.category, []).append(prompt)
-    ranked = [
-        group[rank]
-        for rank in range(max(map(len, by_category.values()), default=0))
-        for group in by_category.values()
-        if rank < len(group)
-    ]
+    ranked = round_robin(prompts)
     if count > len(ranked):
+        categories = dict.fromkeys(prompt.category for prompt in prompts)
         raise InvalidParameterError(f"--prompts {count}: {source} holds only {len(ranked)} prompts (of the "
-                                    f"categories taken: {', '.join(by_category)})")
+                                    f"categories taken: {', '.join(categories)})")
     return ranked[:count]
 
 

@@ -25,11 +25,11 @@ Within a section (all files, or one side of ``--compare``):
 
 Definitions (a "prompt" is one ``ok`` record: one (dataset, prompt_id, turn) of one method):
 
-- tokens/s: mean over prompts of each record's ``tokens_per_s``.
-- speedup: geometric mean over prompts of ``speedup`` (tokens/s over the baseline's on the same prompt+turn).
-- tokens per target call: sum ``new_tokens`` / sum ``target_calls``; acceptance: sum ``accepted_tokens`` /
-  sum ``drafted_tokens``; "= base": share of ``matches_baseline`` true; accuracy: share of ``answer_correct``
-  true, both among the records where the field is not null.
+- every aggregate (tok/s = ``throughput``, x base = ``throughput_ratio``, speedup, tokens per call, acceptance,
+  "= base", accuracy, time shares, predicted tok/s, what-if figures) is :func:`src.schema.aggregate`, the same
+  code the console table and wandb use; ``python -m src.schema`` prints every definition. In short:
+  tok/s = sum ``new_tokens`` / sum ``wall_s``; speedup = geometric mean over prompts of ``speedup`` (tokens/s
+  over the baseline's on the same prompt+turn); x base = tok/s over the baseline's tok/s (same category).
 - 95% confidence intervals are percentile bootstraps over prompts: ``rng = numpy.random.default_rng(seed)``,
   fresh for every statistic (a number does not depend on what else the report holds), one draw
   ``idx = rng.integers(0, n, size=(resamples, n))``, the statistic on every row of ``idx`` (speedup: the mean
@@ -58,13 +58,18 @@ from typing import Any
 
 import numpy as np
 
+from src.schema import Totals, add_baseline_ratios, missing_optional
 from src.tools.check_results import UnreadableFileError, jsonl_lines, read_text
 
-PLOT_NAMES = ("speedup", "acceptance_per_position", "specexec_tree", "tokens_per_call_vs_tokens_per_s",
+PLOT_NAMES = ("speedup", "time_split", "acceptance_per_position", "specexec_tree", "tokens_per_call_vs_tokens_per_s",
               "autojudge_accuracy")
+# Record fields added after the first results files; an older file lacks them and the report says so.
+NEWER_FIELDS = {"target_s": "time split", "predicted_target_s": "cost-profile prediction",
+                "divergence_class": "near-tie check"}
 MAX_LISTED = 20  # error records / malformed lines listed one by one; the rest is counted
-TABLE_HEADER = ["method", "category", "prompts", "tok/s", "speedup [95% CI]", "tok/call", "accept", "= base",
-                "accuracy", "= base answer", "errors"]
+TABLE_HEADER = ["method", "category", "prompts", "tok/s", "x base", "speedup [95% CI]", "predicted tok/s",
+                "tok/call", "tok/call p10 / p50 / p90", "accept", "= base", "near ties / mismatches", "accuracy",
+                "= base answer", "errors"]
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -243,18 +248,6 @@ def _num(record: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
-def _pooled(records: list[dict[str, Any]], top: str, bottom: str) -> float | None:
-    pairs = [(_num(r, top), _num(r, bottom)) for r in records]
-    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-    total = sum(b for _, b in pairs)
-    return sum(a for a, _ in pairs) / total if total > 0 else None
-
-
-def _share(records: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in records if isinstance(r.get(key), bool)]
-    return sum(values) / len(values) if values else None
-
-
 def percentile_ci(statistic: Callable[..., np.ndarray], sizes: Sequence[int], seed: int,
                   resamples: int) -> tuple[float, float] | None:
     """The documented bootstrap: one index matrix per sample size, drawn in order from a fresh generator."""
@@ -276,21 +269,16 @@ def speedup_stats(records: list[dict[str, Any]], seed: int, resamples: int):
 
 
 def group_stats(records: list[dict[str, Any]], seed: int, resamples: int) -> dict[str, Any]:
+    """Every aggregate of :mod:`src.schema` over the group (the same code the console and wandb use), plus the
+    bootstrap CI of the speedup and the per-request spread of tokens per call."""
+    values = Totals(records).aggregate()
     ok = [r for r in records if r["status"] == "ok"]
-    tokens_per_s = [v for v in (_num(r, "tokens_per_s") for r in ok) if v is not None]
     speedup, ci = speedup_stats(ok, seed, resamples)
-    return {
-        "prompts": len(ok),
-        "tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else None,
-        "speedup": speedup,
-        "speedup_ci": ci,
-        "tokens_per_target_call": _pooled(ok, "new_tokens", "target_calls"),
-        "acceptance_rate": _pooled(ok, "accepted_tokens", "drafted_tokens"),
-        "matches_baseline": _share(ok, "matches_baseline"),
-        "accuracy": _share(ok, "answer_correct"),
-        "answer_agreement": _share(ok, "answer_matches_baseline"),
-        "errors": len(records) - len(ok),
-    }
+    per_call = [r["new_tokens"] / r["target_calls"] for r in ok  # per request: the pooled figure's parts
+                if _num(r, "new_tokens") is not None and _num(r, "target_calls")]
+    values.update(speedup_ci=ci, tokens_per_call_percentiles=(
+        tuple(float(x) for x in np.percentile(per_call, [10, 50, 90])) if per_call else None))
+    return values
 
 
 def _natural_key(text: str) -> list:
@@ -314,14 +302,17 @@ def _category(record: dict[str, Any]) -> str:
 
 
 def stats_by_method_category(records, seed, resamples) -> dict[tuple[str, str], dict[str, Any]]:
-    """``(method, category) -> stats``, with an ``all`` category per method; in table order."""
+    """``(method, category) -> stats``, with an ``all`` category per method; in table order. ``throughput_ratio``
+    is against the (first) baseline row of the same category."""
     table = {}
-    for method in method_order(records):
+    methods = method_order(records)
+    for method in methods:
         mine = [r for r in records if r["method"] == method]
         for category in sorted({_category(r) for r in mine}, key=_natural_key):
             table[method, category] = group_stats([r for r in mine if _category(r) == category], seed, resamples)
         table[method, "all"] = group_stats(mine, seed, resamples)
-    return table
+    baseline = next((m for m in methods if method_of(m) == "baseline"), None)
+    return add_baseline_ratios(table, lambda key: (baseline, key[1]))
 
 
 # --- formatting ------------------------------------------------------------------------------------------
@@ -340,10 +331,16 @@ def fmt_ci(point: float | None, ci: tuple[float, float] | None) -> str:
     return f"{point:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{point:.3f}"
 
 
+def _percentiles(values: tuple[float, ...] | None) -> str:
+    return "-" if values is None else " / ".join(f"{v:.2f}" for v in values)
+
+
 def summary_rows(stats: dict[tuple[str, str], dict[str, Any]]) -> list[list[str]]:
     return [
-        [method, category, str(s["prompts"]), fmt(s["tokens_per_s"], ".2f"), fmt_ci(s["speedup"], s["speedup_ci"]),
-         fmt(s["tokens_per_target_call"], ".3f"), fmt_pct(s["acceptance_rate"]), fmt_pct(s["matches_baseline"]),
+        [method, category, str(s["prompts"]), fmt(s["throughput"], ".2f"), fmt(s["throughput_ratio"], ".3f"),
+         fmt_ci(s["speedup"], s["speedup_ci"]), fmt(s["predicted_throughput"], ".2f"),
+         fmt(s["tokens_per_target_call"], ".3f"), _percentiles(s["tokens_per_call_percentiles"]),
+         fmt_pct(s["acceptance_rate"]), fmt_pct(s["matches_baseline_rate"]), f"{s['near_ties']} / {s['mismatches']}",
          fmt_pct(s["accuracy"]), fmt_pct(s["answer_agreement"]), str(s["errors"])]
         for (method, category), s in stats.items()
     ]
@@ -407,10 +404,15 @@ def input_blocks(section: Section, level: int) -> list[Block]:
 
 
 def summary_blocks(stats, section: Section, level: int, seed: int, resamples: int) -> list[Block]:
-    legend = (f"prompts: ok records, one per (prompt, turn); tok/s: mean over prompts; speedup: geometric mean "
-              f"of per-prompt speedups against the baseline, 95% percentile bootstrap CI over prompts "
-              f"({resamples} resamples, seed {seed}); tok/call: tokens per target call (pooled); accept: "
-              f"accepted / drafted tokens (pooled); = base: share of outputs equal to the baseline's; "
+    legend = (f"prompts: ok records, one per (prompt, turn); tok/s: total new tokens / total time (throughput); "
+              f"x base: tok/s / the baseline's tok/s in the same category (a ratio of totals: long outputs weigh "
+              f"more); speedup: geometric mean of per-prompt speedups against the baseline (each prompt weighs the "
+              f"same), 95% percentile bootstrap CI over prompts ({resamples} resamples, seed {seed}); predicted "
+              f"tok/s: what the run's cost profile predicts from the records' forward counts (src.decoding.profile); "
+              f"tok/call: tokens per target call (pooled), and its 10th/50th/90th percentile over prompts; accept: "
+              f"accepted / drafted tokens (pooled); = base: share of outputs equal to the baseline's; near ties / "
+              f"mismatches: outputs off the baseline's where the target's top-2 logits were within the dtype's "
+              f"rounding (near tie) or not (mismatch: a bug in a lossless method); "
               f"accuracy: share of answer_correct; = base answer: share of final answers equal to the "
               f"baseline's on the same prompt (answer_matches_baseline); errors: error records; -: not applicable.")
     return ([("h", level, "Summary by method and category"), ("table", TABLE_HEADER, summary_rows(stats))]
@@ -504,6 +506,7 @@ def plot_speedup(stats) -> bytes | None:
     axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     axes.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
     axes.set_ylabel("speedup vs baseline (geomean, 95% CI)")
+    axes.set_ylim(bottom=0)  # a ratio axis from zero: a truncated one inflates small differences
     axes.set_title("Speedup by method and category")
     _legend_below(axes)
     return _png(figure)
@@ -559,21 +562,24 @@ def plot_specexec_tree(records: list[dict[str, Any]]) -> bytes | None:
         axes.scatter(xs, ys, s=14, alpha=0.7, label=method, **_style(i))
     axes.set_xlabel("mean tree size (tokens per verification)")
     axes.set_ylabel("accepted tokens per target call")
+    axes.set_ylim(bottom=0)
     axes.set_title("SpecExec: tree size vs accepted tokens per target call (one point per prompt)")
     _legend_below(axes)
     return _png(figure)
 
 
 def plot_tradeoff(stats) -> bytes | None:
-    points = [(m, s["tokens_per_target_call"], s["tokens_per_s"]) for (m, c), s in stats.items()
-              if c == "all" and s["tokens_per_target_call"] is not None and s["tokens_per_s"] is not None]
+    points = [(m, s["tokens_per_target_call"], s["throughput"]) for (m, c), s in stats.items()
+              if c == "all" and s["tokens_per_target_call"] is not None and s["throughput"] is not None]
     if not points:
         return None
     figure, axes = _figure()
     for i, (method, x, y) in enumerate(points):  # the legend names the points: labels on them would overlap
         axes.scatter([x], [y], s=30, label=method, **_style(i))
     axes.set_xlabel("tokens per target call")
-    axes.set_ylabel("tokens/s (mean over prompts)")
+    axes.set_ylabel("tokens/s (throughput: total tokens / total time)")
+    axes.set_xlim(left=0)  # both axes are rates: from zero, so distances between points are honest
+    axes.set_ylim(bottom=0)
     axes.set_title("Tokens per target call vs tokens/s, per method configuration")
     _legend_below(axes)
     return _png(figure)
@@ -606,15 +612,81 @@ def plot_autojudge(records: list[dict[str, Any]], stats) -> bytes | None:
             axes.axhline(100 * baseline, color="grey", linestyle="--", label=f"{method} accuracy")
     axes.set_xlabel("tokens per target call")
     axes.set_ylabel("accuracy (%)")
+    axes.set_xlim(left=0)  # tokens per target call is a rate: from zero
     axes.set_title("AutoJudge: accuracy vs tokens per target call over thresholds")
     _legend_below(axes)
     return _png(figure)
+
+
+def plot_time_split(stats) -> bytes | None:
+    """One stacked bar per method: the shares of its decoding time inside target forwards, inside the drafter, and
+    elsewhere (sampling, acceptance, cache rollback, Python)."""
+    rows = [(m, s) for (m, c), s in stats.items() if c == "all" and s.get("target_share") is not None]
+    if not rows:
+        return None
+    figure, axes = _figure(height=max(2.5, 0.45 * len(rows) + 1.5))
+    left = np.zeros(len(rows))
+    for name, color in (("target", "#4c72b0"), ("draft", "#dd8452"), ("other", "#8c8c8c")):
+        shares = np.array([100 * (s[f"{name}_share"] or 0.0) for _, s in rows])
+        axes.barh(range(len(rows)), shares, left=left, color=color, label=name)
+        left += shares
+    axes.set_yticks(range(len(rows)), [m for m, _ in rows])
+    axes.invert_yaxis()
+    axes.set_xlim(0, 100)
+    axes.set_xlabel("share of decoding time (%)")
+    axes.set_title("Where the time goes: target forwards, drafter, everything else")
+    _legend_below(axes)
+    return _png(figure)
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def time_blocks(stats, records: list[dict[str, Any]], level: int) -> list[Block]:
+    """Predicted vs observed tokens/s, the time split, and what-if speedups (against the baseline's tok/s)."""
+    rows = [(m, s) for (m, c), s in stats.items() if c == "all"]
+    base = next((s["throughput"] for m, s in rows if method_of(m) == "baseline"), None)
+    if not any(s.get("target_share") is not None for _, s in rows):
+        return []
+    header = ["method", "tok/s", "predicted tok/s", "unexplained", "target", "draft", "other",
+              "x base", "x base, free drafter", "x base, no harness overhead", "x base, every draft accepted"]
+    table = [[m, fmt(s["throughput"], ".2f"), fmt(s["predicted_throughput"], ".2f"), fmt_pct(s["unexplained_share"]),
+              fmt_pct(s["target_share"]), fmt_pct(s["draft_share"]), fmt_pct(s["other_share"]),
+              fmt(s["throughput_ratio"], ".3f"), fmt(_ratio(s["throughput_free_draft"], base), ".3f"),
+              fmt(_ratio(s["throughput_no_overhead"], base), ".3f"),
+              fmt(_ratio(s["throughput_perfect_acceptance"], base), ".3f")] for m, s in rows]
+    legend = ("target / draft / other: shares of decoding time inside target forwards (hooks), inside the drafter "
+              "(draft forwards, head steps, lookups, tree growth) and the rest (sampling, acceptance, cache "
+              "rollback, Python); predicted tok/s: the run's cost profile (target latency per forward size, draft "
+              "latency or drafter step) applied to the records' forward counts; unexplained: 1 - predicted / "
+              "observed time; what-if columns: tok/s over the baseline's tok/s if the drafter cost nothing, if "
+              "nothing but forwards and drafting took time, or if every draft were accepted at the same cost per "
+              "target call.")
+    profile = next((r["cost_profile"] for r in records if isinstance(r.get("cost_profile"), dict)), None)
+    blocks: list[Block] = [("h", level, "Where the time goes"), ("table", header, table), ("p", legend)]
+    if profile:
+        shown = ", ".join(f"{n}: {ms:.1f}" for n, ms in list(profile.get("target_ms", {}).items())[:10])
+        blocks.append(("p", f"Cost profile (context {profile.get('context')} tokens): target ms per forward of n "
+                            f"tokens {shown}; drafter ms per proposed token {profile.get('drafter_ms') or '-'}."))
+    return blocks
+
+
+def missing_fields_blocks(records: list[dict[str, Any]]) -> list[Block]:
+    """A note naming the newer fields an older results file lacks (their columns then show '-')."""
+    missing = missing_optional(records, NEWER_FIELDS)
+    if not missing:
+        return []
+    names = ", ".join(f"{NEWER_FIELDS[name]} (`{name}`)" for name in missing)
+    return [("p", f"These records were written before sp-samp recorded: {names}; those figures show '-'.")]
 
 
 def plot_blocks(records, stats, level: int, prefix: str) -> list[Block]:
     makers = {
         "speedup": ("Speedup by method and category", lambda: plot_speedup(stats),
                     "no record with a speedup (a run without the baseline?)"),
+        "time_split": ("Where the time goes", lambda: plot_time_split(stats),
+                       "no record with a time split (written before sp-samp recorded one)"),
         "acceptance_per_position": ("Acceptance per draft position", lambda: plot_acceptance(records),
                                     "no drafted tokens in any record"),
         "specexec_tree": ("SpecExec tree size vs accepted tokens per target call",
@@ -725,9 +797,9 @@ def comparison_blocks(a_section: Section, b_section: Section, level: int, seed: 
 def section_blocks(section: Section, level: int, prefix: str, seed: int, resamples: int) -> list[Block]:
     records = section.records
     stats = stats_by_method_category(records, seed, resamples)
-    return (system_blocks(records, level) + input_blocks(section, level)
-            + summary_blocks(stats, section, level, seed, resamples) + error_blocks(records, level)
-            + plot_blocks(records, stats, level, prefix))
+    return (system_blocks(records, level) + input_blocks(section, level) + missing_fields_blocks(records)
+            + summary_blocks(stats, section, level, seed, resamples) + time_blocks(stats, records, level + 1)
+            + error_blocks(records, level) + plot_blocks(records, stats, level, prefix))
 
 
 def build_report(sections: list[Section], compare: bool, seed: int, resamples: int) -> list[Block]:

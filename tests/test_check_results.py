@@ -83,9 +83,11 @@ def test_strict_checks_autojudge_fields(tmp_path, capsys):
     good = ok_record("autojudge[threshold=0.5]", "1", judge_accepted=1, exact_accepted_tokens=3, answer="7",
                      answer_correct=True)
     bad = ok_record("autojudge[threshold=0.5]", "2", judge_accepted=3, exact_accepted_tokens=3, answer="7",
-                    answer_correct="yes")
+                    answer_correct=True)
     missing = ok_record("autojudge[threshold=0.5]", "3", judge_accepted=0)
-    path = write(tmp_path / "r.jsonl", [good, bad, missing])
+    mistyped = ok_record("autojudge[threshold=0.5]", "4", judge_accepted=0, exact_accepted_tokens=0, answer="7",
+                         answer_correct="yes")
+    path = write(tmp_path / "r.jsonl", [good, bad, missing, mistyped])
     assert main([path, "--strict"]) == 1
     out = capsys.readouterr().out
     assert ":1:" not in out

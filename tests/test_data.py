@@ -109,3 +109,55 @@ def test_shared_mt_bench_file_reads(mt_bench_path):
     prompts = read_prompt_file(mt_bench_path)
     assert len(prompts) == 80
     assert len({p.category for p in prompts}) == 8
+
+
+@pytest.fixture
+def three_categories(tmp_path):
+    # file order: ids 1-3 writing, 4-5 math, 6 coding
+    categories = ["writing", "writing", "writing", "math", "math", "coding"]
+    rows = [{"question_id": i, "category": c, "turns": [f"q{i}"]} for i, c in enumerate(categories, start=1)]
+    return write_jsonl(tmp_path / "three.jsonl", rows)
+
+
+def test_limit_spreads_over_categories_round_robin(three_categories):
+    prompts = select_prompts(read_prompt_file(three_categories), None, 4, "x")
+    assert [p.prompt_id for p in prompts] == ["1", "4", "6", "2"]  # first of each, then the second writing one
+    data = PromptDataModule(path=str(three_categories), limit=5)
+    assert [p.prompt_id for p in data.load_prompts()] == ["1", "4", "6", "2", "5"]
+
+
+def test_limit_order_file_keeps_file_order(three_categories):
+    prompts = select_prompts(read_prompt_file(three_categories), None, 4, "x", limit_order="file")
+    assert [p.prompt_id for p in prompts] == ["1", "2", "3", "4"]
+    data = PromptDataModule(path=str(three_categories), limit=4, limit_order="file")
+    assert [p.prompt_id for p in data.load_prompts()] == ["1", "2", "3", "4"]
+
+
+def test_no_limit_keeps_file_order(three_categories):
+    prompts = select_prompts(read_prompt_file(three_categories), None, None, "x")
+    assert [p.prompt_id for p in prompts] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_prompts_without_category_count_as_one(tmp_path):
+    path = write_jsonl(tmp_path / "free.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c", "category": "x"}])
+    assert [p.prompt_id for p in select_prompts(read_prompt_file(path), None, 2, "x")] == ["1", "3"]
+
+
+def test_invalid_limit_order_names_value_and_choices(three_categories):
+    with pytest.raises(InvalidParameterError, match=r"limit_order='sorted'.*'round_robin', 'file'"):
+        PromptDataModule(path=str(three_categories), limit_order="sorted")
+    with pytest.raises(InvalidParameterError, match=r"limit_order='sorted'"):
+        select_prompts(read_prompt_file(three_categories), None, 2, "x", limit_order="sorted")
+
+
+def test_shuffle_then_round_robin_is_deterministic(three_categories):
+    rows = read_prompt_file(three_categories)
+    # seed 0 shuffles to math, writing, writing, ...: the first three alone would miss coding
+    first = select_prompts(rows, None, 3, "x", shuffle=True, seed=0)
+    again = select_prompts(read_prompt_file(three_categories), None, 3, "x", shuffle=True, seed=0)
+    assert [p.prompt_id for p in first] == [p.prompt_id for p in again]
+    assert sorted(p.category for p in first) == ["coding", "math", "writing"]  # one of each category
+    shuffled = select_prompts(rows, None, None, "x", shuffle=True, seed=0)
+    order = list(dict.fromkeys(p.category for p in shuffled))  # categories in shuffled order of first appearance
+    assert [p.category for p in first] == order
+    assert first == [next(p for p in shuffled if p.category == c) for c in order]

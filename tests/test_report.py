@@ -26,7 +26,10 @@ def ok_record(method: str, prompt_id: str, **overrides) -> dict:
         "accepted_tokens": 0, "acceptance_rate": None, "accepted_per_position": [], "speedup": 1.0,
         "matches_baseline": True, "params": {}, "system": SYSTEM,
     }
-    return record | overrides
+    record |= overrides
+    if "wall_s" not in overrides:  # consistent with tokens_per_s, as a real record is
+        record["wall_s"] = record["new_tokens"] / record["tokens_per_s"]
+    return record
 
 
 def error_record(method: str, prompt_id: str) -> dict:
@@ -100,26 +103,33 @@ def rich_report(tmp_path_factory):
 def test_summary_numbers_equal_a_hand_computation(rich_report):
     md = (rich_report / "report.md").read_text()
     row = table_row(md, "speculative", "all")
-    # header: method category prompts tok/s speedup tok/call accept =base accuracy "= base answer" errors
+    # header: method category prompts tok/s "x base" speedup predicted tok/call "tok/call p10/p50/p90" accept
+    # =base "near ties / mismatches" accuracy "= base answer" errors
+    throughput = (10 + 12 + 9 + 8) / (10 / 10 + 12 / 20 + 9 / 40 + 8 / 21)  # total tokens / total time
     assert row[2] == "4"
-    assert row[3] == f"{(10 + 20 + 40 + 21) / 4:.2f}"
+    assert row[3] == f"{throughput:.2f}"
+    assert row[4] == f"{throughput / 10.0:.3f}"  # the baseline: 10 tok/s on every prompt
     low, high = hand_bootstrap([1.0, 2.0, 4.0, 2.0], seed=7, resamples=500)
     assert low < 2.0 < high
-    assert row[4] == f"{2.0:.3f} [{low:.3f}, {high:.3f}]"  # geomean of 1, 2, 4, 2 = 16 ** 0.25
-    assert row[5] == f"{(10 + 12 + 9 + 8) / (5 + 4 + 3 + 4):.3f}"
-    assert row[6] == f"{100 * (6 + 8 + 6 + 4) / (8 + 8 + 9 + 8):.1f}%"
-    assert row[7] == "75.0%"
-    assert row[8] == f"{100 * 2 / 3:.1f}%"  # the null answer_correct is not counted
-    assert row[9] == "-"  # no record carries answer_matches_baseline
-    assert row[10] == "1"
+    assert row[5] == f"{2.0:.3f} [{low:.3f}, {high:.3f}]"  # geomean of 1, 2, 4, 2 = 16 ** 0.25
+    assert row[6] == "-"  # no cost profile in these records
+    assert row[7] == f"{(10 + 12 + 9 + 8) / (5 + 4 + 3 + 4):.3f}"
+    per_call = np.percentile([10 / 5, 12 / 4, 9 / 3, 8 / 4], [10, 50, 90])
+    assert row[8] == " / ".join(f"{v:.2f}" for v in per_call)
+    assert row[9] == f"{100 * (6 + 8 + 6 + 4) / (8 + 8 + 9 + 8):.1f}%"
+    assert row[10] == "75.0%"
+    assert row[11] == "0 / 0"
+    assert row[12] == f"{100 * 2 / 3:.1f}%"  # the null answer_correct is not counted
+    assert row[13] == "-"  # no record carries answer_matches_baseline
+    assert row[14] == "1"
 
     writing = table_row(md, "speculative", "writing")
     low, high = hand_bootstrap([1.0, 2.0], seed=7, resamples=500)
-    assert writing[2] == "2" and writing[10] == "1"
-    assert writing[4] == f"{math.sqrt(2):.3f} [{low:.3f}, {high:.3f}]"
+    assert writing[2] == "2" and writing[14] == "1"
+    assert writing[5] == f"{math.sqrt(2):.3f} [{low:.3f}, {high:.3f}]"
     math_row = table_row(md, "speculative", "math")
-    assert math_row[4].startswith(f"{math.sqrt(8):.3f} [") and math_row[10] == "0"
-    assert table_row(md, "baseline", "all")[6] == "-"  # nothing drafted: not applicable
+    assert math_row[5].startswith(f"{math.sqrt(8):.3f} [") and math_row[14] == "0"
+    assert table_row(md, "baseline", "all")[9] == "-"  # nothing drafted: not applicable
 
 
 def test_system_metadata_and_errors_listed(rich_report):
@@ -159,9 +169,9 @@ def test_error_records_and_truncated_line_are_counted(tmp_path, capsys):
     assert str(out / "report.md") in printed and str(out / "report.html") in printed
     md = (out / "report.md").read_text()
     assert "4 records (2 ok, 2 error), 1 malformed line(s) - line 5: not valid JSON" in md
-    assert table_row(md, "baseline", "all")[10] == "1"
+    assert table_row(md, "baseline", "all")[14] == "1"
     speculative = table_row(md, "speculative", "all")
-    assert speculative[2] == "0" and speculative[3] == "-" and speculative[10] == "1"
+    assert speculative[2] == "0" and speculative[3] == "-" and speculative[14] == "1"
     # no draft, no SpecExec, no AutoJudge: those plots are skipped with a note, not written empty
     assert "SpecExec tree size vs accepted tokens per target call: skipped" in md
     assert "AutoJudge accuracy vs tokens per target call: skipped" in md
@@ -269,7 +279,8 @@ def test_legacy_records_with_other_settings_get_their_own_rows(tmp_path):
     assert main([write(tmp_path / "r.jsonl", records), "--out", str(out)]) == 0
     md = summary((out / "report.md").read_text())
     first, second = table_row(md, "speculative #1", "all"), table_row(md, "speculative #2", "all")
-    assert (first[2], first[3]) == ("3", "11.00") and (second[2], second[3]) == ("2", "40.00")
+    assert (first[2], first[3]) == ("3", f"{24 / (8 / 10 + 8 / 11 + 8 / 12):.2f}")  # throughput: 8 tokens each
+    assert (second[2], second[3]) == ("2", "40.00")
     assert table_row(md, "baseline", "all")[2] == "3"  # one configuration: the plain method name
     with pytest.raises(AssertionError):
         table_row(md, "speculative", "all")
@@ -285,7 +296,7 @@ def test_merge_configs_pools_and_names_the_difference(tmp_path):
     assert main([write(tmp_path / "r.jsonl", records), "--out", str(out), "--merge-configs"]) == 0
     md = summary((out / "report.md").read_text())
     row = table_row(md, "speculative", "all")
-    assert (row[2], row[3]) == ("5", f"{(3 * 10 + 2 * 40) / 5:.2f}")
+    assert (row[2], row[3]) == ("5", f"{5 * 8 / (3 * 8 / 10 + 2 * 8 / 40):.2f}")
     assert "#1" not in md.split("Settings differ")[0]
     assert ("`speculative`: 2 configurations (3 + 2 records) pooled in one row despite differing in "
             "target.dtype: float32 vs bfloat16") in md
@@ -354,7 +365,7 @@ def test_duplicated_records_count_once_with_a_warning(tmp_path, capsys):
     assert f"warning: 2 duplicated records (same run_id, resume_key) counted once: {path} lines 4, 5\n" in err
     md = (out / "report.md").read_text()
     row = table_row(summary(md), "speculative", "all")
-    assert (row[2], row[10]) == ("4", "1")
+    assert (row[2], row[14]) == ("4", "1")
     assert "7 records (6 ok, 1 error), 0 malformed line(s), 2 duplicated record(s)" in md
     assert "counted once: lines 4, 5" in md
 

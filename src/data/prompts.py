@@ -184,6 +184,32 @@ def read_hub_dataset(spec: str, split: str, fmt: PromptFormat, text_field: str) 
     return prompts
 
 
+LIMIT_ORDERS = ("round_robin", "file")
+
+
+def check_limit_order(limit_order: str) -> None:
+    """Refuse an unknown ``limit_order`` before any prompt is read."""
+    if limit_order not in LIMIT_ORDERS:
+        raise InvalidParameterError(f"limit_order={limit_order!r} is invalid: use one of {list(LIMIT_ORDERS)}")
+
+
+def round_robin(prompts: list[Prompt]) -> list[Prompt]:
+    """The first prompt of each category (categories in order of first appearance), then the second of each, ...
+
+    A small run then samples every category instead of the first one in the file (MT-Bench opens with ten
+    ``writing`` prompts). Prompts without a category (read as ``default``) share one group.
+    """
+    by_category: dict[str, list[Prompt]] = {}
+    for prompt in prompts:
+        by_category.setdefault(prompt.category, []).append(prompt)
+    return [
+        group[rank]
+        for rank in range(max(map(len, by_category.values()), default=0))
+        for group in by_category.values()
+        if rank < len(group)
+    ]
+
+
 def select_prompts(
     prompts: list[Prompt],
     categories: list[str] | None,
@@ -191,7 +217,14 @@ def select_prompts(
     source: str,
     shuffle: bool = False,
     seed: int = 0,
+    limit_order: str = "round_robin",
 ) -> list[Prompt]:
+    """Filter by category, shuffle (with ``seed``), then keep ``limit`` prompts.
+
+    ``limit_order="round_robin"`` takes them spread over the categories (see :func:`round_robin`) and returns
+    them in that order; ``"file"`` takes the first ``limit`` in file (or shuffled) order.
+    """
+    check_limit_order(limit_order)
     if categories:
         present = sorted({p.category for p in prompts})
         unknown = [c for c in categories if c not in present]
@@ -204,7 +237,7 @@ def select_prompts(
     if limit is not None:
         if limit < 1:
             raise InvalidParameterError(f"limit={limit} is invalid: use a positive number of prompts, or null for all")
-        prompts = prompts[:limit]
+        prompts = (round_robin(prompts) if limit_order == "round_robin" else prompts)[:limit]
     if not prompts:
         raise InvalidParameterError(f"no prompts left in {source} after filtering (categories={categories}, limit={limit})")
     return prompts

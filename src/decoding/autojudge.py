@@ -44,6 +44,7 @@ class AutoJudge(DecodingMethod):
 
     name = "autojudge"
     needs_draft = True
+    lossless = False  # the judge lets some mismatches through
 
     def __init__(self, k: int = 4, judge_path: str | None = None, threshold: float | None = None) -> None:
         if k < 1:
@@ -57,6 +58,9 @@ class AutoJudge(DecodingMethod):
 
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "threshold": self.threshold, "judge_path": self.judge_path}
+
+    def verify_width(self) -> int:
+        return self.k + 1
 
     def input_files(self) -> list[str]:
         return [f"{self.judge_path}.safetensors", f"{self.judge_path}.json"] if self.judge_path else []

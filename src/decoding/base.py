@@ -118,6 +118,7 @@ class DecodingMethod(ABC):
 
     name: str = "method"
     needs_draft: bool = False
+    lossless: bool = True  # emits the target's own distribution (greedy: the baseline's tokens); AutoJudge: False
 
     def params(self) -> dict[str, Any]:
         """Method parameters that identify a configuration (go into records and resume keys)."""
@@ -127,6 +128,11 @@ class DecodingMethod(ABC):
         """Files this method reads (a trained judge or head): a run fingerprint hashes them, and no results file
         may be written over them."""
         return []
+
+    def verify_width(self) -> int:
+        """The most tokens one target forward of this method scores after the prefill (the cost profile measures
+        the target's latency up to it)."""
+        return 1
 
     def prepare(self, target_info: dict[str, Any], draft_info: dict[str, Any] | None) -> None:
         """Called once the models are loaded, before any ``generate`` (AutoJudge loads and checks its judge)."""

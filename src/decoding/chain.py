@@ -26,6 +26,7 @@ from src.decoding.base import input_device, model_logits, model_logits_and_hidde
 from src.decoding.drafters import Drafter, Proposal
 from src.decoding.kv import cache_length, truncate_cache
 from src.decoding.sampling import SamplingConfig
+from src.decoding.timing import drafting
 
 
 @dataclass
@@ -92,7 +93,8 @@ def chain_cycle(
     """Steps 1-4 once on ``sequence`` (prompt + committed tokens, extended in place)."""
     committed, seen = len(sequence), cache_length(cache)
     # Step 1: propose up to k tokens.
-    proposal = drafter.propose(sequence, k, sampling, generator, stop_below)
+    with drafting():
+        proposal = drafter.propose(sequence, k, sampling, generator, stop_below)
     # Step 2: one target forward scores every drafted position (and encodes what it has not seen).
     with_hidden = with_hidden or drafter.needs_target_features
     verified = verify(target, cache, sequence, proposal.tokens, vocab, with_hidden)
@@ -106,8 +108,9 @@ def chain_cycle(
         if new in eos_token_ids:
             break
     truncate_cache(cache, committed + accepted)
-    if drafter.needs_target_features:  # the features of every position now committed and cached
-        drafter.commit(committed + accepted, verified.features[: committed - seen + accepted])
-    else:
-        drafter.commit(committed + accepted)
+    with drafting():
+        if drafter.needs_target_features:  # the features of every position now committed and cached
+            drafter.commit(committed + accepted, verified.features[: committed - seen + accepted])
+        else:
+            drafter.commit(committed + accepted)
     return Cycle(proposal, verified, accepted, emitted)

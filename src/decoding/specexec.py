@@ -36,6 +36,7 @@ from src.decoding.drafters import Drafter, ModelDrafter
 from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, next_token
 from src.decoding.stats import Generation, GenerationStats, run_cycles
+from src.decoding.timing import drafting
 from src.decoding.tree import DraftTree, growth_mask, tree_position_ids, verify_mask
 from src.errors import InvalidParameterError
 
@@ -139,6 +140,9 @@ class SpecExec(DecodingMethod):
     def needs_draft(self) -> bool:
         return self.drafter.needs_draft_model
 
+    def verify_width(self) -> int:
+        return self.budget + 1  # the tree + its root
+
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
             "budget": self.budget,
@@ -214,11 +218,12 @@ class SpecExec(DecodingMethod):
             # A tree path of depth d yields at most d + 1 tokens: cap d by what may still be emitted.
             depth_cap = min(self.max_depth, max_new_tokens - len(tokens) - 1)
             tree.reset(committed[-1], depth_cap, stop_tokens)
-            if self.needs_draft or head is not None:
-                grower = head if head is not None else ModelGrowth(draft, draft_cache, vocab, draft_device)
-                slots, draft_forwards, generated = self._grow_tree(grower, tree, committed, scoring)
-            else:
-                slots, draft_forwards, generated = [], 0, self._branch_tree(tree, committed, depth_cap, vocab)
+            with drafting():
+                if self.needs_draft or head is not None:
+                    grower = head if head is not None else ModelGrowth(draft, draft_cache, vocab, draft_device)
+                    slots, draft_forwards, generated = self._grow_tree(grower, tree, committed, scoring)
+                else:
+                    slots, draft_forwards, generated = [], 0, self._branch_tree(tree, committed, depth_cap, vocab)
             nodes = tree.node_ids()  # n drafted nodes, in creation order
             cached = cache_length(target_cache)
             logits, features = self._verify_tree(target, target_cache, tree, nodes, committed, vocab, device,
@@ -228,7 +233,8 @@ class SpecExec(DecodingMethod):
             if head is not None:  # the target's features of the chain and the accepted path, in position order
                 m, row_of = len(committed) - cached, {node: i for i, node in enumerate(nodes)}
                 rows = list(range(m)) + [m + row_of[node] for node in accepted]
-                head.commit(len(committed) + len(accepted), features[rows])
+                with drafting():
+                    head.commit(len(committed) + len(accepted), features[rows])
             committed.extend(emitted)
             tokens.extend(emitted)
 

@@ -124,6 +124,9 @@ class SpeculativeSampling(DecodingMethod):
         params.update(self.drafter.params())  # {} for a plain draft model: earlier resume keys stay valid
         return params
 
+    def verify_width(self) -> int:
+        return (self.max_k if self.schedule != "constant" else self.k) + 1  # the chain + the last committed token
+
     def input_files(self) -> list[str]:
         """A restricted draft vocabulary's token map: hashed into the run fingerprint."""
         return self.drafter.input_files()

@@ -12,6 +12,7 @@ from src.data.prompts import (
     HUB_PREFIX,
     Prompt,
     PromptFormat,
+    check_limit_order,
     read_hub_dataset,
     read_prompt_file,
     select_prompts,
@@ -41,14 +42,18 @@ class PromptDataModule(L.LightningDataModule):
         text_field: the prompt field of ``jsonl`` rows.
         split: split of a hub dataset (a synthetic task takes its split from ``path``).
         categories: keep only these categories (default: all; a synthetic task's categories are its templates).
-        limit: keep the first N prompts after filtering and shuffling (default: all); for a synthetic task, how
-            many to generate (default 100).
+        limit: keep N prompts after filtering and shuffling (default: all); for a synthetic task, how many to
+            generate (default 100).
+        limit_order: how ``limit`` picks: ``round_robin`` (default) spreads the N prompts over the categories
+            (the first of each category in order of first appearance, then the second of each, ...; they run
+            in that order) so a small run samples every category; ``file`` keeps the first N in file order.
         turns: ``1`` decodes the first turn only; ``2`` also decodes MT-Bench's second turn, conditioned on the
             method's own first answer (as Spec-Bench does).
         chat_template: format prompts with the tokenizer's chat template.
         system_prompt: a system message placed before the first user turn (default: the template's own).
         max_prompt_tokens: keep only the last N prompt tokens (with a warning) when a prompt is longer.
-        shuffle: shuffle the prompts (with ``seed``) before ``limit`` applies.
+        shuffle: shuffle the prompts (with ``seed``) before ``limit`` applies (``round_robin`` follows the
+            shuffled order).
         seed: the shuffle seed, and the generation seed of a synthetic task.
     """
 
@@ -60,6 +65,7 @@ class PromptDataModule(L.LightningDataModule):
         split: str = "test",
         categories: list[str] | None = None,
         limit: int | None = None,
+        limit_order: str = "round_robin",
         turns: Literal[1, 2] = 1,
         chat_template: bool = True,
         system_prompt: str | None = None,
@@ -72,12 +78,14 @@ class PromptDataModule(L.LightningDataModule):
             raise InvalidParameterError(f"turns={turns} is invalid: use 1 (first turn) or 2 (both MT-Bench turns)")
         if max_prompt_tokens is not None and max_prompt_tokens < 1:
             raise InvalidParameterError(f"max_prompt_tokens={max_prompt_tokens} is invalid: use a positive count")
+        check_limit_order(limit_order)
         self.path = path
         self.format = format
         self.text_field = text_field
         self.split = split
         self.categories = categories
         self.limit = limit
+        self.limit_order = limit_order
         self.turns = turns
         self.chat_template = chat_template
         self.system_prompt = system_prompt
@@ -96,7 +104,8 @@ class PromptDataModule(L.LightningDataModule):
                 rows = read_hub_dataset(self.path, self.split, self.format, self.text_field)
             else:
                 rows = read_prompt_file(self.path, self.format, self.text_field)
-            self.prompts = select_prompts(rows, self.categories, self.limit, self.path, self.shuffle, self.seed)
+            self.prompts = select_prompts(rows, self.categories, self.limit, self.path, self.shuffle, self.seed,
+                                          self.limit_order)
         return self.prompts
 
     def setup(self, stage: str) -> None:

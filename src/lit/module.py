@@ -13,11 +13,22 @@ import lightning as L
 import torch
 
 from src.data.prompts import encode_messages, truncate_left
-from src.decoding.base import DecodingMethod
+from src.decoding.base import DecodingMethod, model_logits, vocab_width
 from src.decoding.baseline import Baseline
+from src.decoding.kv import new_cache
+from src.decoding.profile import measure_profile, predict
 from src.decoding.sampling import SamplingConfig, make_generator
+from src.decoding.timing import timed_generate
 from src.errors import InvalidParameterError
-from src.lit.records import compare_with_baseline, error_record, fingerprint_id, ok_record, resume_key
+from src.lit.records import (
+    classify_divergence,
+    compare_with_baseline,
+    error_record,
+    fingerprint_id,
+    near_tie_tolerance,
+    ok_record,
+    resume_key,
+)
 from src.lit.system import system_info
 from src.models.loading import load_tokenizer
 from src.models.pair import ModelPair, load_pair
@@ -43,6 +54,9 @@ class DecodingModule(L.LightningModule):
         top_p: nucleus sampling mass (1.0 disables).
         seed: base seed; each (prompt, turn) gets its own generator seeded from it, identical for every method.
         warmup: run one short untimed generation per method before the first prompt.
+        cost_profile: before the first prompt, measure the target's (and draft's) forward latency for 1..n tokens
+            and each model-free drafter's step (:mod:`src.decoding.profile`, ~10 s on a CPU); every record then
+            carries the profile and its predicted time (``predicted_*``, ``unexplained_share``).
     """
 
     def __init__(
@@ -56,6 +70,7 @@ class DecodingModule(L.LightningModule):
         top_p: float = 1.0,
         seed: int = 0,
         warmup: bool = True,
+        cost_profile: bool = True,
     ) -> None:
         super().__init__()
         if max_new_tokens < 1:
@@ -71,6 +86,9 @@ class DecodingModule(L.LightningModule):
         self.sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         self.seed = seed
         self.warmup = warmup
+        self.cost_profile = cost_profile
+        self.profile = None  # a src.decoding.profile.CostProfile, measured at the first prompt
+        self._profile_tried = False
         self.run_id = uuid.uuid4().hex[:12]
         self.previous_records: dict[str, dict[str, Any]] = {}  # resume_key -> ok record from an earlier run
         self.pair: ModelPair | None = None  # a plain holder: Lightning must not move or cast these models
@@ -159,9 +177,30 @@ class DecodingModule(L.LightningModule):
     def _generate(self, method: DecodingMethod, input_ids: torch.Tensor, max_new_tokens: int, seed: int):
         draft = self.pair.draft.model if self.pair.draft is not None else None
         generator = make_generator(seed, device="cpu")
-        return method.generate(
-            self.pair.target.model, draft, input_ids, max_new_tokens, self.sampling, self.pair.eos_token_ids, generator
+        return timed_generate(  # method.generate, with its time split into target / draft / other
+            method, self.pair.target.model, draft, input_ids, max_new_tokens, self.sampling, self.pair.eos_token_ids,
+            generator,
         )
+
+    def _measure_profile(self, input_ids: torch.Tensor) -> None:
+        """The cost profile, once, at the run's first prompt: forwards after a context of the prompt plus half the
+        generation budget (the mean context a decoding step sees)."""
+        if not self.cost_profile or self._profile_tried:
+            return
+        self._profile_tried = True
+        context_length = input_ids.shape[1] + self.max_new_tokens // 2
+        context = input_ids.repeat(1, -(-context_length // max(1, input_ids.shape[1])))[:, :context_length]
+        target, draft = self.pair.target.model, self.pair.draft.model if self.pair.draft is not None else None
+        drafters = [d for d in (getattr(m, "drafter", None) for m in self.methods) if d is not None]
+        try:
+            self.profile = measure_profile(
+                target, draft if any(m.needs_draft for m in self.methods) else None, drafters,
+                context.to(self.input_device), max(m.verify_width() for m in self.methods), input_ids.shape[1],
+                vocab_width(target))
+        except Exception as error:  # a profile is an explanation, never a reason to lose the run
+            log.warning("cost profile not measured (%s: %s): records carry no predictions", type(error).__name__, error)
+            return
+        log.info("cost profile: %d sizes of the target in %.1f s", len(self.profile.target_ms), self.profile.measured_s)
 
     def _prompt_seed(self, prompt_id: str, turn: int) -> int:
         return (self.seed * 1_000_003 + zlib.crc32(f"{prompt_id}/{turn}".encode())) % (2**63)
@@ -183,8 +222,33 @@ class DecodingModule(L.LightningModule):
                 if reused_record is not None:
                     reused.append(reused_record)
             compare_with_baseline(turn_records, self.sampling.greedy, reference=reused)
+            if turn == 1:  # later turns follow each method's own earlier answers: other prompts, nothing to class
+                self._classify_divergences(batch, user_text, turn_records, reused)
             new_records += turn_records
         return new_records
+
+    @torch.no_grad()
+    def _classify_divergences(self, batch, user_text: str, records: list[dict[str, Any]], reused) -> None:
+        """A lossless method whose greedy tokens leave the baseline's: near tie or mismatch? One target forward
+        over the prompt + the baseline's tokens before the divergence gives the top-1 / top-2 logit margin."""
+        baseline = next((r for r in [*records, *reused] if r["method"] == "baseline" and r["status"] == "ok"), None)
+        if baseline is None:
+            return
+        lossless = {key: method.lossless for key, method in zip(self.method_keys, self.methods)}
+        messages = self._system_messages(batch) + [{"role": "user", "content": user_text}]
+        prompt = None
+        for record in records:
+            if record.get("matches_baseline") is not False or not lossless.get(record["method"], False):
+                continue
+            if prompt is None:
+                prompt = encode_messages(self.pair.tokenizer, messages, batch.get("chat_template", True))
+                prompt, _ = truncate_left(prompt, batch.get("max_prompt_tokens"))
+            prefix = baseline["tokens"][: record["first_divergence"]]
+            ids = torch.cat([prompt, torch.tensor([prefix], dtype=prompt.dtype)], dim=1).to(self.input_device)
+            top = model_logits(self.pair.target.model, ids, new_cache(), logits_to_keep=1)[0, -1].float().topk(2)
+            info = self.pair.target.info
+            classify_divergence(record, float(top.values[0] - top.values[1]),
+                                near_tie_tolerance(info.get("dtype"), info.get("quantization")))
 
     @staticmethod
     def _system_messages(batch: dict[str, Any]) -> list[dict[str, str]]:
@@ -200,6 +264,7 @@ class DecodingModule(L.LightningModule):
         messages = messages + [{"role": "user", "content": user_text}]
         input_ids = encode_messages(self.pair.tokenizer, messages, batch.get("chat_template", True))
         input_ids, dropped = truncate_left(input_ids, batch.get("max_prompt_tokens"))
+        self._measure_profile(input_ids)
         if dropped:
             log.warning("prompt %s turn %d: dropped its first %d tokens (max_prompt_tokens)", batch["prompt_id"], turn, dropped)
         common = self._common_fields(batch, turn, method, method_key, input_ids.shape[1])
@@ -219,6 +284,8 @@ class DecodingModule(L.LightningModule):
         history[index] = messages + [{"role": "assistant", "content": text}]
         record = ok_record(common, generation, text)
         record["prompt_truncated_tokens"] = dropped
+        if self.profile is not None:
+            record.update(predict(record, self.profile, _model_free_drafter(method)), cost_profile=self.profile.to_json())
         record.update(self._answer_fields(batch, method, text))
         return record, None
 
@@ -261,6 +328,13 @@ class DecodingModule(L.LightningModule):
             "draft": self.pair.draft.info if (method.needs_draft and self.pair.draft) else None,
             "system": system_info(self.input_device),
         }
+
+
+def _model_free_drafter(method: DecodingMethod) -> str | None:
+    """The name of a method's drafter when it has no draft model (an EAGLE head, a lookup): the profile prices
+    its steps, not draft forwards."""
+    drafter = getattr(method, "drafter", None)
+    return drafter.name if drafter is not None and not drafter.needs_draft_model else None
 
 
 def _file_sha256(path: str) -> str | None:

@@ -97,6 +97,28 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+# Largest top-1 / top-2 logit gap of the target still called a near tie when a lossless method's greedy output
+# leaves the baseline's: a multi-token verification forward and a 1-token forward round differently (other
+# kernels, other reduction orders), so at a near tie the argmax may flip without any bug. ~ a few units in the
+# last place of a logit of magnitude ~20 in the target's dtype.
+NEAR_TIE_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.25}
+QUANTIZED_TOLERANCE = 0.25  # 4/8-bit weights dequantized per forward: as coarse as bfloat16
+
+
+def near_tie_tolerance(dtype: str | None, quantization: str | None) -> float:
+    if quantization and quantization != "none":
+        return QUANTIZED_TOLERANCE
+    return NEAR_TIE_TOLERANCE.get(str(dtype), NEAR_TIE_TOLERANCE["bfloat16"])
+
+
+def classify_divergence(record: dict[str, Any], margin: float, tolerance: float) -> None:
+    """``divergence_margin`` = the target's top-1 minus top-2 logit after the baseline's tokens up to the first
+    divergence; ``divergence_class`` = ``near_tie`` (margin <= tolerance) or ``mismatch`` (a real difference)."""
+    record["divergence_margin"] = margin
+    record["divergence_tolerance"] = tolerance
+    record["divergence_class"] = "near_tie" if margin <= tolerance else "mismatch"
+
+
 def compare_with_baseline(
     records: list[dict[str, Any]], greedy: bool, reference: list[dict[str, Any]] = ()
 ) -> None:

@@ -23,52 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-NUMBER = (int, float)
-COMMON_FIELDS: dict[str, tuple] = {
-    "run_id": (str,),
-    "resume_key": (str,),
-    "status": (str,),
-    "method": (str,),
-    "dataset": (str,),
-    "prompt_id": (str,),
-    "category": (str,),
-    "turn": (int,),
-    "params": (dict,),
-    "target": (dict,),
-    "system": (dict,),
-}
-OK_FIELDS: dict[str, tuple] = {
-    "new_tokens": (int,),
-    "prefill_s": NUMBER,
-    "decode_s": NUMBER,
-    "wall_s": NUMBER,
-    "tokens_per_s": NUMBER + (type(None),),
-    "target_calls": (int,),
-    "draft_calls": (int,),
-    "tokens_per_target_call": NUMBER + (type(None),),
-    "drafted_tokens": (int,),
-    "accepted_tokens": (int,),
-    "acceptance_rate": NUMBER + (type(None),),
-    "accepted_per_position": (list,),
-    "speedup": NUMBER + (type(None),),
-    "matches_baseline": (bool, type(None)),
-    "first_divergence": (int, type(None)),
-    "text": (str,),
-}
-OPTIONAL_FIELDS: dict[str, tuple] = {  # absent in files written before records carried a run fingerprint
-    "fingerprint": (dict,),
-    "fingerprint_id": (str,),
-}
+from src.schema import METHOD_FIELDS, NUMBER, fields_of, method_family
+
+COMMON_FIELDS = fields_of("common")
+OK_FIELDS = fields_of("ok")
+OPTIONAL_FIELDS = fields_of("optional")  # absent in older files, or only in some runs; typed where present
 FINGERPRINT_KEYS = ("method", "params", "target", "draft", "prompt", "files")
 FINGERPRINT_ID = re.compile(r"[0-9a-f]{10}")
 NOT_TEXT = "is not a UTF-8 text file (binary?): pass a results JSONL written by python -m src predict"
 SYSTEM_FIELDS = ("git_sha", "hostname", "python", "torch", "transformers", "lightning", "device", "gpu_name",
                  "gpu_driver", "cuda", "cpu", "num_threads", "timestamp")
-METHOD_FIELDS = {
-    "specexec": ("tree_size_mean", "tree_depth_mean", "max_active_branches", "branch_prune_rate",
-                 "effective_parallelism"),
-    "autojudge": ("judge_accepted", "exact_accepted_tokens", "answer", "answer_correct"),
-}
 
 
 def _type_names(types: tuple) -> str:
@@ -162,12 +126,22 @@ def _check_consistency(record: dict[str, Any]) -> list[str]:
         problems.append(f"tokens_per_target_call={record['tokens_per_target_call']} != new_tokens/target_calls={expected:.6g}")
     if abs(record["prefill_s"] + record["decode_s"] - record["wall_s"]) > 1e-3 * max(1.0, record["wall_s"]):
         problems.append(f"wall_s={record['wall_s']} != prefill_s + decode_s")
+    split = [record.get(name) for name in ("target_s", "draft_s", "other_s")]
+    if all(isinstance(value, NUMBER) for value in split):
+        if abs(sum(split) - record["wall_s"]) > 1e-3 * max(1.0, record["wall_s"]):
+            problems.append(f"target_s + draft_s + other_s = {sum(split):.6g} != wall_s={record['wall_s']}")
+        if min(split) < -1e-6:
+            problems.append(f"a time split share is negative: target_s, draft_s, other_s = {split}")
+    if record.get("divergence_class") == "mismatch":  # a near tie is rounding; a mismatch is a wrong token
+        problems.append(f"greedy output leaves the baseline's at token {record['first_divergence']} with a target "
+                        f"margin of {record.get('divergence_margin')} logits (> tolerance "
+                        f"{record.get('divergence_tolerance')}): a mismatch, not a near tie")
     if record["matches_baseline"] is False and record["first_divergence"] is None:
         problems.append("matches_baseline is false but first_divergence is null")
     missing_system = [k for k in SYSTEM_FIELDS if k not in record["system"]]
     if missing_system:
         problems.append(f"system lacks {missing_system}")
-    for name in METHOD_FIELDS.get(re.split(r"[\[+]", record["method"])[0], ()):
+    for name in METHOD_FIELDS.get(method_family(record["method"]), ()):
         if name not in record:
             problems.append(f"missing {record['method']} field {name!r}")
     if "judge_accepted" in record and "exact_accepted_tokens" in record:
