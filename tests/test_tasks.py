@@ -201,7 +201,7 @@ def test_read_synthetic_filters_categories_and_keeps_ids():
 @pytest.mark.parametrize(
     ("spec", "kwargs", "message"),
     [
-        ("synthetic:algebra", {}, r"unknown synthetic task 'algebra'.*\['synthetic:arithmetic'\]"),
+        ("synthetic:algebra", {}, r"unknown synthetic task 'algebra'.*\['synthetic:arithmetic', 'synthetic:chat'\]"),
         ("synthetic:arithmetic:dev", {}, r"split='dev' is invalid"),
         ("synthetic:arithmetic", {"categories": ["poetry"]}, r"unknown categories \['poetry'\].*'shopping'"),
     ],
@@ -209,3 +209,27 @@ def test_read_synthetic_filters_categories_and_keeps_ids():
 def test_read_synthetic_errors_name_the_fix(spec, kwargs, message):
     with pytest.raises(InvalidParameterError, match=message):
         read_synthetic(spec, 5, **kwargs)
+
+
+# ---- synthetic:chat (instructions for EAGLE self-distillation)
+
+
+def test_chat_instructions_are_deterministic_disjoint_and_not_mt_bench(mt_bench_path):
+    import itertools
+    import json
+
+    from src.data.instructions import chat_prompts_stream
+    from src.data.tasks import read_synthetic
+
+    first = read_synthetic("synthetic:chat", 40, seed=0)
+    assert [p.turns for p in first] == [p.turns for p in read_synthetic("synthetic:chat", 40, seed=0)]
+    assert [p.category for p in first[:8]] == ["writing", "roleplay", "reasoning", "math", "coding", "extraction",
+                                               "stem", "humanities"]  # categories round-robin
+    train = {p.turns[0] for p in itertools.islice(chat_prompts_stream(0, "train"), 600)}
+    test = {p.turns[0] for p in itertools.islice(chat_prompts_stream(0, "test"), 600)}
+    assert len(train) == 600 and not train & test
+    evaluation = {json.loads(line)["turns"][0] for line in mt_bench_path.read_text().splitlines() if line.strip()}
+    assert not train & evaluation
+    assert [p.category for p in read_synthetic("synthetic:chat", 5, seed=0, categories=["coding"])] == ["coding"] * 5
+    with pytest.raises(InvalidParameterError, match="split='dev'"):
+        next(chat_prompts_stream(0, "dev"))

@@ -4,7 +4,8 @@ AutoJudge labels a draft/target mismatch *important* when it changes the final a
 whose answer a program can check (the extractors that read it live in :mod:`src.data.answers`):
 :func:`arithmetic_problems` draws seeded arithmetic word problems (answers in 0..999) so small models can be
 evaluated with no download; ``synthetic:arithmetic[:train|test]`` reads them as a prompt source
-(:func:`read_synthetic`).
+(:func:`read_synthetic`). ``synthetic:chat[:train|test]`` is the chat-instruction stream of
+:mod:`src.data.instructions` (no gold answer: for EAGLE self-distillation).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from src.data.instructions import CATEGORIES as CHAT_CATEGORIES
+from src.data.instructions import chat_prompts_stream
 from src.data.prompts import Prompt
 from src.errors import InvalidParameterError
 
@@ -267,6 +270,7 @@ def arithmetic_problems(count: int, seed: int = 0, split: str = "train") -> list
 
 SYNTHETIC_TASKS: dict[str, tuple[Callable[[int, str], Iterator[Prompt]], tuple[str, ...]]] = {
     "arithmetic": (arithmetic_prompts_stream, tuple(ARITHMETIC_TEMPLATES)),
+    "chat": (chat_prompts_stream, tuple(CHAT_CATEGORIES)),  # instructions for self-distillation (no answer)
 }
 
 

@@ -37,7 +37,8 @@ class PromptDataModule(L.LightningDataModule):
     Args:
         path: the JSONL file (``make setup`` provides ``datasets/mt_bench.jsonl``), ``hub:<name>[:<config>]``
             to read a hub dataset through the ``datasets`` library, or ``synthetic:arithmetic[:train|test]``
-            for seeded arithmetic word problems with known answers (split ``train`` by default; no download).
+            for seeded arithmetic word problems with known answers (split ``train`` by default; no download), or
+            ``synthetic:chat[:train|test]`` for generated chat instructions (EAGLE self-distillation).
         format: ``auto`` (detect per line), ``mt_bench``, ``gsm8k`` or ``jsonl``.
         text_field: the prompt field of ``jsonl`` rows.
         split: split of a hub dataset (a synthetic task takes its split from ``path``).

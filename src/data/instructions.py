@@ -1,25 +1,32 @@
-"""Write a set of chat instructions for self-distillation (``datasets/chat_instructions.jsonl``).
+"""Chat instructions for self-distillation: the ``synthetic:chat`` prompt source.
 
 Why: a draft head learns the text it will draft. Trained on math and short factual answers only, the EAGLE head
 agreed with the target on MT-Bench's chat answers far less than on its validation set. Chat datasets (ShareGPT,
 UltraChat) are on the hub, which this project cannot reach at run time, and MT-Bench itself is the evaluation
-set. So this script composes instructions of MT-Bench's *kinds* (writing, roleplay, reasoning, math, coding,
+set. So this module composes instructions of MT-Bench's *kinds* (writing, roleplay, reasoning, math, coding,
 extraction, STEM, humanities) from templates and topics written for it; the target answers them itself
-(``self_distill_path``), and ``overlap_warning`` checks that none equals an evaluation prompt.
+(``self_distill_path: synthetic:chat``), and ``overlap_warning`` checks that none equals an evaluation prompt.
+The stream is deterministic for a seed, categories interleaved; ``train`` and ``test`` splits never share a
+prompt. To look at them, or to hand them to another tool as MT-Bench-format JSONL:
 
-    python -m src.tools.make_instructions --out datasets/chat_instructions.jsonl --count 800
-
-The output is deterministic for a given ``--seed``: rows ``{"question_id", "category", "turns": [prompt]}``
-(the MT-Bench layout, so every prompt reader takes it), categories interleaved.
+    python -m src.data.instructions --out chat_instructions.jsonl --count 800
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
+
+from src.data.prompts import Prompt
+from src.errors import InvalidParameterError
+
+CHAT_DATASET = "synthetic_chat"
+CHAT_SPLITS = ("train", "test")
 
 TOPICS = [
     "remote work", "urban gardening", "electric cars", "a small bakery", "learning a second language",
@@ -88,7 +95,18 @@ MATH = [
     "Compute {a} squared plus {b} squared, then take the square root. Is the result an integer?",
 ]
 
+LANGUAGES = ["Python", "JavaScript", "Java", "C++", "Go", "Rust", "TypeScript"]
+CODE_TASKS = ["reverses a linked list", "checks whether a number is prime", "finds the most common element of a list",
+              "converts Celsius to Fahrenheit", "validates an email address", "computes the factorial of n",
+              "flattens a nested list", "counts the vowels in a string", "sorts a list of names by length",
+              "returns the second largest number in an array", "checks whether two strings are anagrams",
+              "computes a running average", "parses a date string", "removes whitespace from a string",
+              "implements binary search"]
+
 CODING = [
+    "Write a {lang} function that {code_task}.",
+    "Explain, step by step, how you would write a {lang} function that {code_task}.",
+    "Review this plan and write the code: a {lang} function that {code_task}, with a short test.",
     "Write a Python function that returns the {n}th Fibonacci number.",
     "Write a Python function that checks whether a string is a palindrome.",
     "Write a Python function that counts how often each word appears in a text.",
@@ -153,7 +171,7 @@ def _fill(template: str, rng: random.Random) -> str:
     name, name2 = rng.sample(NAMES, 2)
     slots = {
         "topic": rng.choice(TOPICS), "audience": rng.choice(AUDIENCES), "person": rng.choice(PERSONS),
-        "science": rng.choice(SCIENCE), "history": rng.choice(HISTORY), "name": name, "name2": name2,
+        "lang": rng.choice(LANGUAGES), "code_task": rng.choice(CODE_TASKS), "science": rng.choice(SCIENCE), "history": rng.choice(HISTORY), "name": name, "name2": name2,
         "day": rng.choice(DAYS), "a": rng.randint(3, 19), "b": rng.randint(2, 9), "c": rng.randint(20, 240),
         "h": rng.randint(5, 20), "m": rng.choice([10, 15, 20, 30, 45]), "n": rng.randint(3, 12),
         "p": rng.choice([10, 15, 20, 25, 30, 40]), "adj": rng.choice(["inspiring", "too long", "well organized",
@@ -163,36 +181,44 @@ def _fill(template: str, rng: random.Random) -> str:
     return template.format(**slots)
 
 
-def make_instructions(count: int, seed: int = 0) -> list[dict]:
-    """``count`` distinct instructions, categories interleaved (round-robin), deterministic for ``seed``."""
-    if count < 1:
-        raise ValueError(f"count={count} is invalid: use an integer >= 1")
+def _split_of(text: str) -> str:
+    return CHAT_SPLITS[hashlib.sha256(text.encode("utf-8")).digest()[0] & 1]
+
+
+def chat_prompts_stream(seed: int = 0, split: str = "train") -> Iterator[Prompt]:
+    """Distinct instructions of ``split``, categories round-robin, deterministic for ``seed``; a category drops
+    out when its templates give no new prompt in many draws, and the stream ends when every one has."""
+    if split not in CHAT_SPLITS:
+        raise InvalidParameterError(f"split={split!r} is invalid for synthetic:chat: use one of {list(CHAT_SPLITS)}")
     rng = random.Random(seed)
     seen: set[str] = set()
-    rows: list[dict] = []
-    misses = 0
-    for category in itertools.cycle(CATEGORIES):
-        if len(rows) >= count:
-            break
-        prompt = _fill(rng.choice(CATEGORIES[category]), rng)
-        if prompt in seen:
-            misses += 1
-            if misses > 100 * count:  # the templates cannot give this many distinct prompts
-                raise ValueError(f"count={count} is more than the templates give distinct prompts "
-                                 f"({len(rows)} found): use a smaller --count")
-            continue
-        seen.add(prompt)
-        rows.append({"question_id": len(rows) + 1, "category": category, "turns": [prompt]})
-    return rows
+    index = 0
+    active = list(CATEGORIES)  # a category whose templates give nothing new in many draws drops out
+    while active:
+        for category in list(active):
+            for _ in range(2_000):
+                prompt = _fill(rng.choice(CATEGORIES[category]), rng)
+                if prompt not in seen and _split_of(prompt) == split:
+                    break
+            else:
+                active.remove(category)
+                continue
+            seen.add(prompt)
+            yield Prompt(prompt_id=f"chat-s{seed}-{split}-{index}", category=category, turns=[prompt],
+                         dataset=CHAT_DATASET)
+            index += 1
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="datasets/chat_instructions.jsonl")
+    parser.add_argument("--out", default="chat_instructions.jsonl")
     parser.add_argument("--count", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="train", choices=CHAT_SPLITS)
     args = parser.parse_args(argv)
-    rows = make_instructions(args.count, args.seed)
+    stream = chat_prompts_stream(args.seed, args.split)
+    rows = [{"question_id": p.prompt_id, "category": p.category, "turns": p.turns}
+            for p in itertools.islice(stream, args.count)]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
