@@ -73,7 +73,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -90,10 +89,10 @@ import torch
 
 from src.data.prompts import Prompt, encode_messages, read_prompt_file, round_robin
 from src.decoding import Baseline, DecodingMethod, SamplingConfig, SpecExec, SpeculativeSampling
-from src.decoding.base import input_device, model_logits, model_logits_and_hidden
+from src.decoding.base import input_device
 from src.decoding.drafters import PromptLookup
 from src.decoding.eagle import EagleDrafter
-from src.decoding.kv import cache_length, new_cache, truncate_cache
+from src.decoding.profile import drafter_step_ms, forward_latency
 from src.errors import InvalidParameterError, MissingInputError, UserInputError
 from src.models import ModelSpec, load_pair
 
@@ -462,28 +461,6 @@ class ForwardMeter:
                 handle.remove()
 
 
-def target_forward_latency(models: Models, context: torch.Tensor) -> dict[int, float]:
-    """Mean ms of one target forward of n tokens after ``context`` (cached), for n in LATENCY_SIZES."""
-    cache = new_cache()
-    model_logits(models.target, context, cache)
-    cached = cache_length(cache)
-    longest = max(LATENCY_SIZES)
-    filler = context.repeat(1, math.ceil(longest / context.shape[1]))[:, :longest]
-    latency = {}
-    for size in LATENCY_SIZES:
-        seconds = []
-        for attempt in range(LATENCY_REPEATS + 1):  # the first one warms up
-            truncate_cache(cache, cached)
-            synchronize(models.device)
-            started = time.perf_counter()
-            model_logits(models.target, filler[:, :size], cache)
-            synchronize(models.device)
-            if attempt:
-                seconds.append(time.perf_counter() - started)
-        latency[size] = 1000 * statistics.mean(seconds)
-    return latency
-
-
 # ------------------------------------------------------------------------------------------------ configurations
 
 Runner = Callable[[torch.Tensor], tuple[list[int], float | None]]  # input_ids -> (new tokens, our method's s)
@@ -618,28 +595,15 @@ def eagle_tree_configs(args: argparse.Namespace, models: Models, eos: set[int]) 
 
 
 def eagle_draft_cost(args: argparse.Namespace, models: Models, context: torch.Tensor) -> dict[str, float]:
-    """ms per proposed token of each --eagle head (a chain of 8 after ``context``, mean of 5), and that as a share
-    of a 1-token target forward: what a draft step costs, lm_head rows included."""
-    costs = {}
+    """ms per proposed token of each --eagle head (src.decoding.profile.drafter_step_ms: a chain of 8 after
+    ``context``, median of 3): what a draft step costs, lm_head rows included."""
     heads = [path for path, _ in map(eagle_setting, args.eagle)]
     heads += [text.rsplit(":", 2)[0] for text in args.eagle_tree]
+    costs = {}
     for text in dict.fromkeys(heads):
         drafter = EagleDrafter(text)
         drafter.prepare(models.info["target"])
-        drafter.begin(None, models.target.config.vocab_size, input_device(models.target), target=models.target)
-        sequence = context[0].tolist()
-        _, hidden = model_logits_and_hidden(models.target, context, new_cache())
-        drafter.commit(len(sequence) - 1, hidden[0, :-1])
-        seconds = []
-        for attempt in range(6):  # the first one warms up
-            synchronize(models.device)
-            started = time.perf_counter()
-            drafter.propose(sequence, 8, SamplingConfig(), None)
-            synchronize(models.device)
-            drafter.commit(len(sequence) - 1, hidden[0, :0])  # back to the exact pairs: nothing new committed
-            if attempt:
-                seconds.append((time.perf_counter() - started) / 8)
-        costs[text] = 1000 * statistics.mean(seconds)
+        costs[text] = drafter_step_ms(drafter, models.target, context, models.target.config.vocab_size)
     return costs
 
 
@@ -904,7 +868,7 @@ def print_report(report: dict[str, Any]) -> None:
           f"max_new_tokens {run['max_new_tokens']}, greedy, {run['repeat']} interleaved pass(es) after one "
           "warm-up per configuration")
     latency = ", ".join(f"{size} tok {ms:.1f} ms" for size, ms in report["target_forward_ms"].items())
-    print(f"target forward latency (mean of {LATENCY_REPEATS}, after the first prompt): {latency}")
+    print(f"target forward latency (median of {LATENCY_REPEATS}, after the first prompt): {latency}")
     one_token = report["target_forward_ms"][1]
     for head, ms in report.get("eagle_draft_ms_per_token", {}).items():
         print(f"EAGLE head {head}: {ms:.2f} ms per proposed token = {100 * ms / one_token:.1f}% of a 1-token target "
@@ -936,7 +900,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     eos = eos_ids(models)
     inputs = encode_prompts(models, prompts, args.max_new_tokens)
     with torch.inference_mode():
-        latency = target_forward_latency(models, inputs[0])
+        latency = forward_latency(models.target, inputs[0], LATENCY_SIZES, LATENCY_REPEATS)
         configs = build_configs(args, models, eos)
         head_ms = eagle_draft_cost(args, models, inputs[0])
         meter = ForwardMeter(models, [config.head for config in configs if config.head is not None])
