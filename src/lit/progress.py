@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+from src.schema import Totals
+
 
 class RunningSpeedup:
-    """Geometric mean of the per-prompt ``speedup`` of each method so far, and its error count."""
+    """Each method's ``speedup`` so far (src.schema's aggregate: geometric mean of per-prompt ratios) and errors."""
 
     def __init__(self) -> None:
-        self.log_sum: dict[str, float] = defaultdict(float)
-        self.count: dict[str, int] = defaultdict(int)
-        self.errors: dict[str, int] = defaultdict(int)
+        self.totals: dict[str, Totals] = defaultdict(Totals)
 
     def update(self, records: list[dict[str, Any]]) -> None:
         for record in records or []:
-            method = record["method"]
-            if record.get("status") != "ok":
-                self.errors[method] += 1
-            elif record.get("speedup"):
-                self.log_sum[method] += math.log(record["speedup"])
-                self.count[method] += 1
+            self.totals[record["method"]].add(record)
 
     def postfix(self) -> str:
         """``speculative 1.21x, specexec 0.87x`` (baseline left out; ``!N`` marks N errors)."""
         parts = []
-        for method in sorted(set(self.count) | set(self.errors)):
-            if method == "baseline" and not self.errors[method]:
+        for method in sorted(self.totals):
+            values = self.totals[method].aggregate()
+            if method == "baseline" and not values["errors"]:
                 continue
-            text = f"{method} {math.exp(self.log_sum[method] / self.count[method]):.2f}x" if self.count[method] else method
-            parts.append(text + (f" !{self.errors[method]}" if self.errors[method] else ""))
+            text = f"{method} {values['speedup']:.2f}x" if values["speedup"] else method
+            parts.append(text + (f" !{values['errors']}" if values["errors"] else ""))
         return ", ".join(parts)
 
 
