@@ -119,6 +119,7 @@ class DecodingMethod(ABC):
     name: str = "method"
     needs_draft: bool = False
     lossless: bool = True  # emits the target's own distribution (greedy: the baseline's tokens); AutoJudge: False
+    verifies_trees: bool = False  # its forwards carry a 4D tree mask (SpecExec): the cost profile prices them apart
 
     def params(self) -> dict[str, Any]:
         """Method parameters that identify a configuration (go into records and resume keys)."""

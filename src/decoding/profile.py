@@ -39,19 +39,26 @@ class CostProfile:
     target_ms: dict[int, float]
     draft_ms: dict[int, float] = field(default_factory=dict)
     drafter_ms: dict[str, float] = field(default_factory=dict)
+    # forwards with a 4D tree mask (SpecExec's verification and growth): another, slower attention path
+    target_tree_ms: dict[int, float] = field(default_factory=dict)
+    draft_tree_ms: dict[int, float] = field(default_factory=dict)
+    draft_step_overhead_ms: float = 0.0  # a draft model's proposal step beyond its forward (argmax, cache)
     measured_s: float = 0.0
+
+    TABLES = ("target_ms", "draft_ms", "target_tree_ms", "draft_tree_ms")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for name in ("target_ms", "draft_ms"):
+        for name in self.TABLES:
             data[name] = {str(n): round(ms, 4) for n, ms in data[name].items()}
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CostProfile:
-        return cls(context=int(data["context"]), target_ms={int(n): float(v) for n, v in data["target_ms"].items()},
-                   draft_ms={int(n): float(v) for n, v in (data.get("draft_ms") or {}).items()},
-                   drafter_ms=dict(data.get("drafter_ms") or {}), measured_s=float(data.get("measured_s", 0.0)))
+        tables = {name: {int(n): float(v) for n, v in (data.get(name) or {}).items()} for name in cls.TABLES}
+        return cls(context=int(data["context"]), drafter_ms=dict(data.get("drafter_ms") or {}),
+                   draft_step_overhead_ms=float(data.get("draft_step_overhead_ms", 0.0)),
+                   measured_s=float(data.get("measured_s", 0.0)), **tables)
 
 
 def interpolate(table: Mapping[int, float], n: int) -> float:
@@ -83,9 +90,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_latency(model, context: torch.Tensor, sizes: Iterable[int], repeats: int = REPEATS) -> dict[int, float]:
+def chain_as_tree_mask(cached: int, n: int, device: torch.device) -> torch.Tensor:
+    """A 4D mask (1, 1, n, cached + n) of n new tokens forming one branch: what SpecExec passes for a tree (any
+    tree's mask takes the same attention path)."""
+    mask = torch.ones(1, 1, n, cached + n, dtype=torch.bool, device=device)
+    mask[0, 0, :, cached:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+def forward_latency(model, context: torch.Tensor, sizes: Iterable[int], repeats: int = REPEATS,
+                    tree: bool = False) -> dict[int, float]:
     """Median ms of one forward of n tokens after ``context`` (1, c) is cached, for each n in ``sizes``; the cache
-    is cut back to the context after each forward, as a rejected draft is."""
+    is cut back to the context after each forward, as a rejected draft is. ``tree``: with a 4D tree mask and
+    explicit positions, as SpecExec's forwards run."""
     device = input_device(model)
     context = context.to(device)
     cache = new_cache()
@@ -97,11 +114,15 @@ def forward_latency(model, context: torch.Tensor, sizes: Iterable[int], repeats:
         latency = {}
         for size in sizes:
             seconds = []
+            mask = positions = None
+            if tree:
+                mask = chain_as_tree_mask(cached, size, device)
+                positions = torch.arange(cached, cached + size, device=device)[None]
             for attempt in range(repeats + 1):  # the first one warms up
                 truncate_cache(cache, cached)
                 _sync(device)
                 started = time.perf_counter()
-                model_logits(model, filler[:, :size], cache, logits_to_keep=size)
+                model_logits(model, filler[:, :size], cache, positions, mask, logits_to_keep=size)
                 _sync(device)
                 if attempt:
                     seconds.append(time.perf_counter() - started)
@@ -109,13 +130,18 @@ def forward_latency(model, context: torch.Tensor, sizes: Iterable[int], repeats:
     return latency
 
 
-def drafter_step_ms(drafter, target, context: torch.Tensor, vocab: int, repeats: int = REPEATS) -> float:
-    """ms per proposed token of a drafter without a draft model: a chain of DRAFT_CHAIN after ``context``, the
-    drafter rolled back between repeats (an EAGLE head first reads the target's features of the context)."""
+def drafter_step_ms(drafter, target, context: torch.Tensor, vocab: int, repeats: int = REPEATS,
+                    draft=None) -> float:
+    """ms per proposed token of a drafter (its draft model ``draft``, if it has one): a chain of DRAFT_CHAIN after
+    ``context``, the drafter rolled back between repeats (an EAGLE head first reads the target's features of the
+    context; a draft model first reads the context itself, untimed)."""
     device = input_device(target)
     sequence = context[0].tolist()
     with torch.no_grad():
-        drafter.begin(None, vocab, device, target=target)
+        drafter.begin(draft, vocab, input_device(draft) if draft is not None else device, target=target)
+        if draft is not None:  # read the context once (a real cycle's draft cache already holds it)
+            drafter.propose(sequence, 1, SamplingConfig(), None)
+            drafter.commit(len(sequence) - 1)
         features = None
         if drafter.needs_target_features:
             _, hidden = model_logits_and_hidden(target, context.to(device), new_cache())
@@ -137,16 +163,24 @@ def drafter_step_ms(drafter, target, context: torch.Tensor, vocab: int, repeats:
 
 
 def measure_profile(target, draft, drafters: Iterable, context: torch.Tensor, largest_verify: int,
-                    longest_prompt: int, vocab: int) -> CostProfile:
-    """T(n) for the target, D(n) for the draft model (n up to the largest tree round or chain step), S for each
+                    longest_prompt: int, vocab: int, trees: bool = False) -> CostProfile:
+    """T(n) for the target, D(n) for the draft model (n up to the largest verification), the same with a tree
+    mask when ``trees`` (a SpecExec method is configured), the draft model's step overhead and S for each
     model-free drafter; ``context`` (1, c): the cached tokens the forwards follow (the run's typical length)."""
     started = time.perf_counter()
     sizes = profile_sizes(largest_verify, longest_prompt)
     profile = CostProfile(context=int(context.shape[1]), target_ms=forward_latency(target, context, sizes))
+    if trees:
+        profile.target_tree_ms = forward_latency(target, context, sizes, tree=True)
     if draft is not None:
-        profile.draft_ms = forward_latency(draft, context, profile_sizes(largest_verify, longest_prompt))
+        profile.draft_ms = forward_latency(draft, context, sizes)
+        if trees:
+            profile.draft_tree_ms = forward_latency(draft, context, sizes, tree=True)
     for drafter in drafters:
-        if not drafter.needs_draft_model and drafter.name not in profile.drafter_ms:
+        if drafter.needs_draft_model and draft is not None and not profile.draft_step_overhead_ms:
+            step = drafter_step_ms(drafter, target, context, vocab, draft=draft)
+            profile.draft_step_overhead_ms = max(0.0, step - profile.draft_ms[1])
+        elif not drafter.needs_draft_model and drafter.name not in profile.drafter_ms:
             profile.drafter_ms[drafter.name] = drafter_step_ms(drafter, target, context, vocab)
     profile.measured_s = time.perf_counter() - started
     return profile
@@ -158,13 +192,17 @@ def _forwards_ms(table: Mapping[int, float], sizes: Mapping[str, int] | None) ->
     return sum(count * interpolate(table, int(n)) for n, count in sizes.items())
 
 
-def predict(record: Mapping[str, Any], profile: CostProfile, drafter: str | None = None) -> dict[str, float | None]:
-    """Predicted seconds of one ok record: target forwards (its ``target_forward_sizes``), draft-model forwards
-    (``draft_forward_sizes``) or drafter steps (``drafter``: a model-free drafter's name; its ms per proposed token
+def predict(record: Mapping[str, Any], profile: CostProfile, drafter: str | None = None,
+            tree: bool = False) -> dict[str, float | None]:
+    """Predicted seconds of one ok record: target forwards (its ``target_forward_sizes``; ``tree``: priced with
+    the tree-mask tables), draft-model forwards (``draft_forward_sizes``, each plus the step overhead) or drafter
+    steps (``drafter``: a model-free drafter's name; its ms per proposed token
 times ``draft_calls``, or ``drafted_tokens`` for a lookup, which reports no draft calls).
     Returns predicted_target_s, predicted_draft_s, predicted_tokens_per_s and unexplained_share
     (1 - predicted / observed time); None where the record lacks the counters (an older file)."""
-    target_ms = _forwards_ms(profile.target_ms, record.get("target_forward_sizes"))
+    target_table = profile.target_tree_ms if tree and profile.target_tree_ms else profile.target_ms
+    draft_table = profile.draft_tree_ms if tree and profile.draft_tree_ms else profile.draft_ms
+    target_ms = _forwards_ms(target_table, record.get("target_forward_sizes"))
     if target_ms is None:
         return dict.fromkeys(("predicted_target_s", "predicted_draft_s", "predicted_tokens_per_s",
                               "unexplained_share"))
@@ -172,7 +210,8 @@ times ``draft_calls``, or ``drafted_tokens`` for a lookup, which reports no draf
         steps = record.get("draft_calls") or record.get("drafted_tokens") or 0
         draft_ms = profile.drafter_ms[drafter] * steps
     else:
-        draft_ms = _forwards_ms(profile.draft_ms, record.get("draft_forward_sizes")) or 0.0
+        sizes = record.get("draft_forward_sizes") or {}
+        draft_ms = (_forwards_ms(draft_table, sizes) or 0.0) + profile.draft_step_overhead_ms * sum(sizes.values())
     seconds = (target_ms + draft_ms) / 1000
     wall = record.get("wall_s") or 0.0
     return {

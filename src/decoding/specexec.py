@@ -78,6 +78,8 @@ class SpecExec(DecodingMethod):
     included, per verification forward), ``tree_size_mean`` and ``tree_depth_mean``.
     """
 
+    verifies_trees = True  # its forwards carry 4D tree masks
+
     def __init__(
         self,
         budget: int = 32,

@@ -196,7 +196,7 @@ class DecodingModule(L.LightningModule):
             self.profile = measure_profile(
                 target, draft if any(m.needs_draft for m in self.methods) else None, drafters,
                 context.to(self.input_device), max(m.verify_width() for m in self.methods), input_ids.shape[1],
-                vocab_width(target))
+                vocab_width(target), trees=any(m.verifies_trees for m in self.methods))
         except Exception as error:  # a profile is an explanation, never a reason to lose the run
             log.warning("cost profile not measured (%s: %s): records carry no predictions", type(error).__name__, error)
             return
@@ -285,7 +285,8 @@ class DecodingModule(L.LightningModule):
         record = ok_record(common, generation, text)
         record["prompt_truncated_tokens"] = dropped
         if self.profile is not None:
-            record.update(predict(record, self.profile, _model_free_drafter(method)), cost_profile=self.profile.to_json())
+            record.update(predict(record, self.profile, _model_free_drafter(method), method.verifies_trees),
+                          cost_profile=self.profile.to_json())
         record.update(self._answer_fields(batch, method, text))
         return record, None
 
