@@ -52,6 +52,9 @@ class MetricsReporter(L.Callback):
             warnings.filterwarnings("ignore", message=".*compute.*called before the.*update.*")
             computed = {key: metric.compute() for key, metric in self.metrics.items()}
         self.summary = summarize({key: values for key, values in computed.items() if values["records"]})
+        profile = getattr(pl_module, "profile", None)  # the run's cost profile goes into the logged config
+        if profile is not None:
+            self.config = {**self.config, "cost_profile": profile.to_json()}
         if trainer.world_size > 1 and trainer.loggers:  # the records table covers every rank's prompts
             self.records = [record for part in gather_from_ranks(self.records) for record in part]
         self._report(trainer)
