@@ -7,7 +7,7 @@ A draft method's time per generation is, to first order,
 where F_target(n) is how many target forwards scored n tokens at once (recorded by the time split's hooks),
 T(n) the target's latency for n tokens at the run's context length, D(n) the draft model's, and S the cost of one
 step of a drafter without a draft model (an EAGLE head, a lookup). :func:`measure_profile` measures T, D and S
-before the first prompt (~10 s on a CPU); :func:`predict` applies the formula to one record's counters and
+before the first prompt (20-45 s on a 2-core CPU); :func:`predict` applies the formula to one record's counters and
 returns the predicted seconds and tokens/s. What it does not predict (sampling, acceptance, cache rollback,
 tree building, Python) shows as the record's ``unexplained_share``; the what-if figures drop one term at a time.
 """

@@ -55,7 +55,7 @@ class DecodingModule(L.LightningModule):
         seed: base seed; each (prompt, turn) gets its own generator seeded from it, identical for every method.
         warmup: run one short untimed generation per method before the first prompt.
         cost_profile: before the first prompt, measure the target's (and draft's) forward latency for 1..n tokens
-            and each model-free drafter's step (:mod:`src.decoding.profile`, ~10 s on a CPU); every record then
+            and each model-free drafter's step (:mod:`src.decoding.profile`; 20-45 s on a 2-core CPU); every record then
             carries the profile and its predicted time (``predicted_*``, ``unexplained_share``).
     """
 
