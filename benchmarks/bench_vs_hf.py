@@ -93,6 +93,7 @@ from src.decoding.base import input_device
 from src.decoding.drafters import PromptLookup
 from src.decoding.eagle import EagleDrafter
 from src.decoding.profile import drafter_step_ms, forward_latency
+from src.decoding.stats import synchronize
 from src.errors import InvalidParameterError, MissingInputError, UserInputError
 from src.models import ModelSpec, load_pair
 
@@ -396,11 +397,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ measurement
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def resident_mb() -> float:

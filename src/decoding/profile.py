@@ -25,6 +25,7 @@ import torch
 from src.decoding.base import input_device, model_logits, model_logits_and_hidden
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig
+from src.decoding.stats import synchronize
 
 REPEATS = 3  # timed forwards per size (after one warm-up); the median is kept
 DRAFT_CHAIN = 8  # tokens a drafter proposes per timed step
@@ -85,11 +86,6 @@ def profile_sizes(largest_verify: int, longest_prompt: int) -> list[int]:
     return sizes
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def chain_as_tree_mask(cached: int, n: int, device: torch.device) -> torch.Tensor:
     """A 4D mask (1, 1, n, cached + n) of n new tokens forming one branch: what SpecExec passes for a tree (any
     tree's mask takes the same attention path)."""
@@ -120,10 +116,10 @@ def forward_latency(model, context: torch.Tensor, sizes: Iterable[int], repeats:
                 positions = torch.arange(cached, cached + size, device=device)[None]
             for attempt in range(repeats + 1):  # the first one warms up
                 truncate_cache(cache, cached)
-                _sync(device)
+                synchronize(device)
                 started = time.perf_counter()
                 model_logits(model, filler[:, :size], cache, positions, mask, logits_to_keep=size)
-                _sync(device)
+                synchronize(device)
                 if attempt:
                     seconds.append(time.perf_counter() - started)
             latency[size] = 1000 * statistics.median(seconds)
@@ -149,10 +145,10 @@ def drafter_step_ms(drafter, target, context: torch.Tensor, vocab: int, repeats:
             drafter.commit(len(sequence) - 1, features[:-1])
         seconds = []
         for attempt in range(repeats + 1):
-            _sync(device)
+            synchronize(device)
             started = time.perf_counter()
             drafter.propose(sequence, DRAFT_CHAIN, SamplingConfig(), None)
-            _sync(device)
+            synchronize(device)
             if features is not None:
                 drafter.commit(len(sequence) - 1, features[:0])  # back to the committed context
             else:

@@ -65,6 +65,12 @@ class Generation:
         return self.new_tokens / self.stats.target_calls if self.stats.target_calls else None
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels (a no-op elsewhere), so a clock read counts them where they ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StageTimer:
     """Wall-clock time of a stage, synchronizing CUDA so queued kernels are counted where they ran."""
 
@@ -72,18 +78,14 @@ class StageTimer:
         self.device = device
         self.start = 0.0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def __enter__(self) -> StageTimer:
-        self._sync()
+        synchronize(self.device)
         self.start = time.perf_counter()
         self.elapsed = 0.0
         return self
 
     def __exit__(self, *exc) -> None:
-        self._sync()
+        synchronize(self.device)
         self.elapsed = time.perf_counter() - self.start
 
 

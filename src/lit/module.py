@@ -88,6 +88,7 @@ class DecodingModule(L.LightningModule):
         self.warmup = warmup
         self.cost_profile = cost_profile
         self.profile = None  # a src.decoding.profile.CostProfile, measured at the first prompt
+        self._profile_json: dict[str, Any] | None = None  # its record form, built once
         self._profile_tried = False
         self.run_id = uuid.uuid4().hex[:12]
         self.previous_records: dict[str, dict[str, Any]] = {}  # resume_key -> ok record from an earlier run
@@ -200,6 +201,7 @@ class DecodingModule(L.LightningModule):
         except Exception as error:  # a profile is an explanation, never a reason to lose the run
             log.warning("cost profile not measured (%s: %s): records carry no predictions", type(error).__name__, error)
             return
+        self._profile_json = self.profile.to_json()
         log.info("cost profile: %d sizes of the target in %.1f s", len(self.profile.target_ms), self.profile.measured_s)
 
     def _prompt_seed(self, prompt_id: str, turn: int) -> int:
@@ -241,14 +243,19 @@ class DecodingModule(L.LightningModule):
             if record.get("matches_baseline") is not False or not lossless.get(record["method"], False):
                 continue
             if prompt is None:
-                prompt = encode_messages(self.pair.tokenizer, messages, batch.get("chat_template", True))
-                prompt, _ = truncate_left(prompt, batch.get("max_prompt_tokens"))
+                prompt, _ = self._prompt_ids(batch, messages)
             prefix = baseline["tokens"][: record["first_divergence"]]
             ids = torch.cat([prompt, torch.tensor([prefix], dtype=prompt.dtype)], dim=1).to(self.input_device)
             top = model_logits(self.pair.target.model, ids, new_cache(), logits_to_keep=1)[0, -1].float().topk(2)
             info = self.pair.target.info
             classify_divergence(record, float(top.values[0] - top.values[1]),
                                 near_tie_tolerance(info.get("dtype"), info.get("quantization")))
+
+    def _prompt_ids(self, batch: dict[str, Any], messages: list[dict[str, str]]) -> tuple[torch.Tensor, int]:
+        """Token ids (1, n) of a conversation as the batch's prompt options format it, and the tokens truncation
+        dropped from its start."""
+        input_ids = encode_messages(self.pair.tokenizer, messages, batch.get("chat_template", True))
+        return truncate_left(input_ids, batch.get("max_prompt_tokens"))
 
     @staticmethod
     def _system_messages(batch: dict[str, Any]) -> list[dict[str, str]]:
@@ -262,8 +269,7 @@ class DecodingModule(L.LightningModule):
             common = self._common_fields(batch, turn, method, method_key, prompt_tokens=0)
             return error_record(common, RuntimeError(f"turn {turn - 1} of {method_key} failed; turn {turn} skipped")), None
         messages = messages + [{"role": "user", "content": user_text}]
-        input_ids = encode_messages(self.pair.tokenizer, messages, batch.get("chat_template", True))
-        input_ids, dropped = truncate_left(input_ids, batch.get("max_prompt_tokens"))
+        input_ids, dropped = self._prompt_ids(batch, messages)
         self._measure_profile(input_ids)
         if dropped:
             log.warning("prompt %s turn %d: dropped its first %d tokens (max_prompt_tokens)", batch["prompt_id"], turn, dropped)
@@ -286,7 +292,7 @@ class DecodingModule(L.LightningModule):
         record["prompt_truncated_tokens"] = dropped
         if self.profile is not None:
             record.update(predict(record, self.profile, _model_free_drafter(method), method.verifies_trees),
-                          cost_profile=self.profile.to_json())
+                          cost_profile=self._profile_json)
         record.update(self._answer_fields(batch, method, text))
         return record, None
 

@@ -140,10 +140,11 @@ class Tuner:
         return records
 
     def encode(self, prompt):
-        from src.data.prompts import encode_messages
-
-        messages = [{"role": "user", "content": prompt.turns[0]}]
-        return encode_messages(self.module.pair.tokenizer, messages, True).to(self.module.input_device)
+        """The prompt's first turn as predict formats it (the config's chat template, system prompt, truncation)."""
+        options = self.data.prompt_options()
+        messages = self.module._system_messages(options) + [{"role": "user", "content": prompt.turns[0]}]
+        ids, _ = self.module._prompt_ids(options, messages)
+        return ids.to(self.module.input_device)
 
     def profile(self, widest: int, prompt):
         """T(n) in ms for n = 1..widest after a context of the prompt plus half the generation budget."""
