@@ -1,24 +1,24 @@
-"""AutoJudge label mining (Garipov et al. 2025, Algorithm 1) and the label store it writes.
+"""AutoJudge label mining (after Garipov et al. 2025, Algorithm 1) and the label store it writes.
 
-For one prompt with a checkable final answer::
+For a prompt with a checkable final answer:
 
-    R <- the target's greedy answer;  reference <- answer(R);  left_border <- 0
-    repeat:
-        teacher-force the draft over prompt + R;  pos <- first i >= left_border with draft_argmax_i != R_i
-        (none: stop)
-        R' <- R[:pos] + [draft token] + the target's greedy continuation
-        answer(R') == reference  ->  the mismatch is UNIMPORTANT (label 0), and R <- R'
-        otherwise                ->  IMPORTANT (label 1), R unchanged
-        left_border <- pos + 1
-    until no mismatch remains, or the per-prompt mismatch limit / wall-time budget is hit
+    R <- the target's greedy answer;  reference <- answer(R)
+    teacher-force the draft over prompt + R:  mismatches = {i : draft_argmax_i != R_i}
+    for each mismatch i (up to ``max_mismatches``, a seeded sample when there are more):
+        R' <- R[:i] + [draft token] + the target's greedy continuation
+        answer(R') == reference  ->  UNIMPORTANT (label 0);  otherwise IMPORTANT (label 1)
+
+The paper's Algorithm 1 visits the mismatches in order and, after an unimportant one, continues on R' (the
+draft's version). Here every mismatch is labelled against the target's own R, so the continuations are
+independent and run side by side (:mod:`src.decoding.branches`): the answers of a group of prompts in one
+batch of branches, then every continuation of the group in another, each fork reading its prefix from one
+shared prefill. A forward over 64 tokens costs ~3x one over 1 token on a CPU, so this mines several times more
+labels per minute than continuing one mismatch at a time; the labelled contexts are the target's own prefixes.
 
 Features of a mismatch (the paper's default): the final-layer hidden states (after the final norm) of the
-draft and of the target at the draft token's position, on the sequence ``prompt + R[:pos] + [draft token]``.
-
-The target's continuation is the costly part. It is computed exactly (greedy), but guessed from R: while it
-still equals R's tail the whole tail is verified in one forward, and after a divergence the tokens that
-follow the output's latest n-gram inside R are proposed (prompt-lookup decoding), since a swapped word often
-leaves the rest of the reasoning unchanged but shifted.
+draft and of the target reading the draft token, on the sequence ``prompt + R[:i] + [draft token]``. A cheap
+extra set is kept per label (:data:`STATS_FEATURES`: probabilities of both tokens under p = target and
+q = draft, entropies, position), also what the trivial judges of the evaluation score with.
 
 Store layout (``store_dir``): ``meta.json`` (models and settings), ``shards/<prompt>.safetensors`` (features
 of one prompt), ``labels.jsonl`` (one row per mismatch) and ``prompts.jsonl`` (one row per finished prompt,
@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,15 +38,19 @@ from typing import Any
 
 import torch
 
-from src.decoding.base import input_device, model_logits_and_hidden, vocab_width
-from src.decoding.chain import chain_cycle, greedy_rule
-from src.decoding.drafters import Drafter, Proposal
-from src.decoding.kv import new_cache, truncate_cache
+from src.decoding.base import vocab_width
+from src.decoding.branches import BranchDecoder, greedy_answers
 from src.errors import IncompatibleModelsError, MalformedInputError
 
 log = logging.getLogger(__name__)
 
 IMPORTANT, UNIMPORTANT = 1, 0
+
+# The cheap per-label features, in this order (p = target, q = draft, both at temperature 1, on the teacher-
+# forced answer R): p of the target's token (its top-1 probability, R being greedy), p of the draft's token,
+# q of the draft's token, q of the target's token, the entropies of p and q, and the mismatch's place in R.
+STATS_FEATURES = ("p_target_token", "p_draft_token", "q_draft_token", "q_target_token", "entropy_p", "entropy_q",
+                  "position", "position_share")
 
 
 @dataclass
@@ -57,184 +61,166 @@ class Mismatch:
     label: int  # IMPORTANT or UNIMPORTANT
     draft_hidden: torch.Tensor  # (Hd,)
     target_hidden: torch.Tensor  # (Ht,)
+    stats: dict[str, float] = field(default_factory=dict)  # STATS_FEATURES
+    continuation_tokens: int = 0  # tokens the target generated after the draft token
 
 
 @dataclass
 class MinedPrompt:
     reference_answer: str | None
-    initial_answer_tokens: list[int]
-    final_answer_tokens: list[int]
+    answer_tokens: list[int]  # R
     mismatches: list[Mismatch] = field(default_factory=list)
-    stopped_by: str = "no_mismatch"  # or "max_mismatches", "deadline", "no_answer", "unfinished"
-    target_forwards: int = 0  # target forwards of the greedy decodes (each first one also encodes its prefix)
+    found: int = 0  # mismatches in R (the labelled ones are a sample of at most max_mismatches)
+    stopped_by: str = "labelled"  # or "no_mismatch", "no_answer", "unfinished"
 
 
-# ---------------------------------------------------------------- target side
+@dataclass
+class _Pending:
+    """A prompt whose answer has a reference and mismatches: what the continuations need."""
+
+    prompt: list[int]
+    result: MinedPrompt
+    positions: list[int]  # of the labelled mismatches in R
+    draft_tokens: list[int]
+    q_rows: torch.Tensor  # (m, V) the draft's logits there
+    draft_forks: list  # the draft's branches reading each draft token (their hidden states)
+    stats: list[dict[str, float]] = field(default_factory=list)
 
 
-LOOKUP_NGRAM = (3, 2)  # n-gram lengths tried, longest first, to re-find the output inside the guess
-LOOKUP_CHUNK = 16  # guessed tokens verified per forward once the output has left the aligned guess
+# ---------------------------------------------------------------- one group of prompts
 
 
-def lookup_chunk(tokens: list[int], guess: list[int], budget: int) -> list[int]:
-    """The tokens to propose next: the guess's rest while the output still equals it; afterwards, what follows
-    the latest n-gram of the output inside the guess, nearest to the aligned position (prompt-lookup decoding).
-    """
-    if len(guess) > len(tokens) and tokens == guess[: len(tokens)]:
-        return guess[len(tokens) : len(tokens) + budget]
-    for n in LOOKUP_NGRAM:
-        if len(tokens) < n:
-            continue
-        tail = tokens[-n:]
-        starts = [j for j in range(len(guess) - n) if guess[j : j + n] == tail]
-        if starts:
-            j = min(starts, key=lambda start: abs(start + n - len(tokens)))
-            return guess[j + n : j + n + min(budget, LOOKUP_CHUNK)]
-    return []
-
-
-class GuessLookup(Drafter):
-    """A drafter that proposes from a guessed text (:func:`lookup_chunk`): no model, deterministic."""
-
-    name = "guess_lookup"
-
-    def __init__(self, guess: list[int], prefix_len: int) -> None:
-        self.guess, self.prefix_len = list(guess), prefix_len
-
-    def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
-        self.vocab, self.device = vocab, device
-
-    def propose(self, sequence, k, sampling, generator, stop_below=0.0) -> Proposal:
-        chunk = [t for t in lookup_chunk(sequence[self.prefix_len :], self.guess, k)[:k] if t < self.vocab]
-        return Proposal(torch.tensor(chunk, dtype=torch.long, device=self.device), q=None, forwards=0)
-
-
-@torch.inference_mode()
-def greedy_continue(
-    model, prefix: list[int], max_new_tokens: int, eos_token_ids: set[int], guess: list[int] = ()
-) -> tuple[list[int], torch.Tensor, int]:
-    """Greedy continuation of ``prefix``: (new tokens, hidden state (H,) at the last prefix token, target forwards).
-
-    Chain cycles (:mod:`src.decoding.chain`) whose drafts are guessed from ``guess`` (:func:`lookup_chunk`); a
-    guessed token is kept only while it equals the argmax, so the output is exactly the greedy one. The first
-    forward encodes the prefix and already verifies the guess's head: a right guess costs one forward.
-    """
-    device = input_device(model)
-    cache = new_cache()
-    sequence = list(prefix)
-    drafter = GuessLookup(guess, len(prefix))
-    vocab = vocab_width(model)
-    drafter.begin(None, vocab, device)
-    forwards = 0
-    prefix_hidden = None
-    while len(sequence) - len(prefix) < max_new_tokens and (forwards == 0 or sequence[-1] not in eos_token_ids):
-        budget = max_new_tokens - (len(sequence) - len(prefix)) - 1
-        done = chain_cycle(model, cache, drafter, sequence, budget, vocab, greedy_rule, eos_token_ids,
-                           with_hidden=forwards == 0)
-        if forwards == 0:
-            prefix_hidden = done.verified.hidden[0]  # row 0: the state reading the last prefix token
-        forwards += 1
-    return sequence[len(prefix) :], prefix_hidden, forwards
-
-
-# ---------------------------------------------------------------- draft side
-
-
-@torch.inference_mode()
-def draft_disagreements(
-    draft, prompt: list[int], answer: list[int], vocab: int | None = None
-) -> tuple[list[int], object]:
-    """Teacher-force the draft over prompt + answer: its argmax for every answer position (len(answer),), among the
-    ids ``[0, vocab)`` the target can also read (None: all of the draft's), and the cache holding prompt + answer."""
-    cache = new_cache()
-    device = input_device(draft)
-    logits, _ = model_logits_and_hidden(draft, torch.tensor([prompt + answer], device=device), cache)
-    # The logit row at prompt position len(prompt) - 1 + i predicts answer[i].
-    rows = logits[0, len(prompt) - 1 : len(prompt) - 1 + len(answer), :vocab]
-    return rows.argmax(-1).tolist(), cache
-
-
-@torch.inference_mode()
-def draft_hidden_at(draft, cache, prompt_len: int, position: int, token: int) -> torch.Tensor:
-    """The draft's hidden state (Hd,) reading ``token`` at answer ``position`` (cache cut back to before it)."""
-    truncate_cache(cache, prompt_len + position)
-    _, hidden = model_logits_and_hidden(draft, torch.tensor([[token]], device=input_device(draft)), cache)
-    return hidden[0, -1]
-
-
-# ---------------------------------------------------------------- Algorithm 1
-
-
-def mine_prompt(
+def mine_prompts(
     target,
     draft,
-    prompt: list[int],
+    prompts: list[list[int]],
     max_new_tokens: int,
     eos_token_ids: set[int],
     answer_of: Callable[[list[int]], str | None],
     max_mismatches: int = 16,
-    deadline: float | None = None,
-    skip_unfinished: bool = False,
-) -> MinedPrompt:
-    """Label the draft/target mismatches of one prompt (module docstring). ``answer_of`` maps answer tokens to
-    the final answer (None when there is none); ``deadline`` is a ``time.monotonic()`` value.
+    seeds: list[int] | None = None,
+    skip_unfinished: bool = True,
+    fork_batch: int = 64,
+) -> list[MinedPrompt]:
+    """Label the draft/target mismatches of a group of prompts (module docstring), decoded side by side.
 
-    ``skip_unfinished``: give up on a prompt whose answer R is cut by ``max_new_tokens`` before an EOS: the last
-    number of a cut answer is a reasoning step, not a final answer, and would make every mismatch look important.
+    ``answer_of`` maps answer tokens to the final answer (None when there is none). ``seeds`` pick each prompt's
+    sample when it has more than ``max_mismatches`` mismatches (None: the first ones). ``skip_unfinished``: give
+    up on a prompt whose answer is cut by ``max_new_tokens`` before an EOS: the last number of a cut answer is a
+    reasoning step, not a final answer, and would make every mismatch look important. ``fork_batch``: mismatch
+    continuations decoded side by side at most (the forward's width).
     """
-    # Step 1: R = the target's greedy answer; its final answer is the reference.
-    answer, _, forwards = greedy_continue(target, prompt, max_new_tokens, eos_token_ids)
-    result = MinedPrompt(answer_of(answer), list(answer), list(answer), target_forwards=forwards)
-    if skip_unfinished and (not answer or answer[-1] not in eos_token_ids):
-        result.stopped_by = "unfinished"
-        return result
-    if result.reference_answer is None:
-        result.stopped_by = "no_answer"
-        return result
-    left_border = 0
+    # Step 1: R = the target's greedy answer of every prompt; its final answer is the reference.
+    answers = greedy_answers(target, prompts, max_new_tokens, eos_token_ids)
+    results = [MinedPrompt(answer_of(answer), answer) for answer in answers]
+    candidates = []
+    for index, result in enumerate(results):
+        if skip_unfinished and result.answer_tokens[-1] not in eos_token_ids:
+            result.stopped_by = "unfinished"
+        elif result.reference_answer is None:
+            result.stopped_by = "no_answer"
+        else:
+            candidates.append(index)
+    if not candidates:
+        return results
+    # Step 2: teacher-force the draft over every prompt + R; its disagreements are the mismatches. The draft
+    # reads each mismatch's draft token in one more forward (its hidden state there, a feature).
     shared_vocab = min(vocab_width(target), vocab_width(draft))  # a padded draft id must never reach the target
-    while True:
-        if len(result.mismatches) >= max_mismatches:
-            result.stopped_by = "max_mismatches"
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            result.stopped_by = "deadline"
-            break
-        # Step 2: the first position >= left_border where the teacher-forced draft disagrees with R.
-        predicted, draft_cache = draft_disagreements(draft, prompt, answer, shared_vocab)
-        pos = next((i for i in range(left_border, len(answer)) if predicted[i] != answer[i]), None)
-        if pos is None:
-            result.stopped_by = "no_mismatch"
-            break
-        draft_token = predicted[pos]
-        # Step 3: R' = R[:pos] + draft token + the target's greedy continuation (guessing R's own tail).
-        budget = max_new_tokens - pos - 1
-        if budget > 0 and draft_token not in eos_token_ids:
-            tail, target_hidden, forwards = greedy_continue(
-                target, prompt + answer[:pos] + [draft_token], budget, eos_token_ids, guess=answer[pos + 1 :]
-            )
-        else:  # nothing may follow: still need the target's hidden state at the draft token
-            tail, target_hidden, forwards = [], _hidden_at_end(target, prompt + answer[:pos] + [draft_token]), 0
-        result.target_forwards += forwards
-        candidate = answer[:pos] + [draft_token] + tail
-        # Step 4: same final answer -> unimportant, and R follows the draft; else important.
-        label = UNIMPORTANT if answer_of(candidate) == result.reference_answer else IMPORTANT
-        result.mismatches.append(Mismatch(
-            pos, draft_token, answer[pos], label,
-            draft_hidden_at(draft, draft_cache, len(prompt), pos, draft_token).float().cpu(),
-            target_hidden.float().cpu(),
-        ))
-        if label == UNIMPORTANT:
-            answer = candidate
-        left_border = pos + 1
-    result.final_answer_tokens = list(answer)
-    return result
+    sequences = [prompts[i] + results[i].answer_tokens for i in candidates]
+    draft_decoder = BranchDecoder(draft, eos_token_ids)
+    draft_logits, _ = draft_decoder.prefill(sequences)
+    pending: list[tuple[int, _Pending]] = []
+    offset = 0
+    for sequence_index, i in enumerate(candidates):
+        prompt, answer = prompts[i], results[i].answer_tokens
+        # The logit row at sequence position len(prompt) - 1 + j predicts answer[j].
+        start = offset + len(prompt) - 1
+        offset += len(prompt) + len(answer)
+        predicted = draft_logits[start : start + len(answer), :shared_vocab].argmax(-1).tolist()
+        found = [j for j, (d, r) in enumerate(zip(predicted, answer)) if d != r]
+        results[i].found = len(found)
+        if not found:
+            results[i].stopped_by = "no_mismatch"
+            continue
+        if len(found) > max_mismatches:
+            found = sorted(random.Random(seeds[i]).sample(found, max_mismatches)) if seeds else found[:max_mismatches]
+        tokens = [predicted[j] for j in found]
+        forks = [draft_decoder.fork(sequence_index, len(prompt) + j, t, 0) for j, t in zip(found, tokens)]
+        q_rows = draft_logits[[start + j for j in found], :shared_vocab]
+        pending.append((sequence_index, _Pending(prompt, results[i], found, tokens, q_rows, forks)))
+    draft_decoder.run()
+    # Steps 3-4: the target continues every mismatch, ``fork_batch`` side by side, and each is labelled.
+    for batch in _fork_batches(pending, fork_batch):
+        _label_forks(target, batch, [sequences[i] for i, _ in batch], max_new_tokens, eos_token_ids, answer_of,
+                     shared_vocab)
+    return results
 
 
-@torch.inference_mode()
-def _hidden_at_end(model, ids: list[int]) -> torch.Tensor:
-    _, hidden = model_logits_and_hidden(model, torch.tensor([ids], device=input_device(model)), new_cache())
-    return hidden[0, -1]
+def _fork_batches(pending: list[tuple[int, _Pending]], fork_batch: int) -> list[list[tuple[int, _Pending]]]:
+    """Consecutive prompts whose mismatches add up to at most ``fork_batch`` (a prompt with more goes alone)."""
+    batches, current, width = [], [], 0
+    for entry in pending:
+        forks = len(entry[1].positions)
+        if current and width + forks > fork_batch:
+            batches.append(current)
+            current, width = [], 0
+        current.append(entry)
+        width += forks
+    return batches + ([current] if current else [])
+
+
+def continuation_budget(answer_length: int, position: int, max_new_tokens: int) -> int:
+    """Tokens the target may generate after a draft token at ``position``: the rest of ``max_new_tokens``, but
+    at most twice what R itself needed after that point plus 16. A continuation still running then has left
+    R's final answer behind (it is labelled important) and would hold every other branch's step count."""
+    rest = answer_length - position - 1
+    return min(max_new_tokens - position - 1, 2 * rest + 16)
+
+
+def _label_forks(target, batch, sequences, max_new_tokens, eos_token_ids, answer_of, shared_vocab) -> None:
+    """Steps 3-4 for the prompts of ``batch``: the target reads every draft token and continues greedily to an
+    EOS or :func:`continuation_budget`; same final answer as R -> unimportant, else important."""
+    decoder = BranchDecoder(target, eos_token_ids)
+    target_logits, _ = decoder.prefill(sequences)
+    forks, offset = [], 0
+    for sequence_index, (_, item) in enumerate(batch):
+        answer = item.result.answer_tokens
+        p_rows = target_logits[[offset + len(item.prompt) - 1 + j for j in item.positions], :shared_vocab]
+        offset += len(sequences[sequence_index])
+        item.stats = mismatch_stats(p_rows, item.q_rows, torch.tensor(item.draft_tokens),
+                                    torch.tensor(answer)[item.positions], item.positions, len(answer))
+        for position, token in zip(item.positions, item.draft_tokens):
+            budget = 0 if token in eos_token_ids else continuation_budget(len(answer), position, max_new_tokens)
+            forks.append((decoder.fork(sequence_index, len(item.prompt) + position, token, budget), budget))
+    decoder.run()
+    forks = iter(forks)
+    for _, item in batch:
+        answer = item.result.answer_tokens
+        for position, token, stats, draft_fork in zip(item.positions, item.draft_tokens, item.stats, item.draft_forks):
+            target_fork, budget = next(forks)
+            tail = target_fork.tokens
+            # A continuation still running at its budget has left R's final answer behind: important.
+            finished = token in eos_token_ids or bool(tail and tail[-1] in eos_token_ids) or len(tail) < budget
+            same = finished and answer_of(answer[:position] + [token] + tail) == item.result.reference_answer
+            item.result.mismatches.append(Mismatch(position, token, answer[position], UNIMPORTANT if same else IMPORTANT,
+                                                   draft_fork.hidden, target_fork.hidden, stats, len(tail)))
+
+
+def mismatch_stats(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, draft_tokens: torch.Tensor, target_tokens: torch.Tensor,
+    positions: list[int], answer_length: int,
+) -> list[dict[str, float]]:
+    """:data:`STATS_FEATURES` of m mismatches from the target's (p) and draft's (q) logit rows (m, V)."""
+    p, q = torch.softmax(p_logits.float(), -1), torch.softmax(q_logits.float(), -1)
+    rows = torch.arange(len(positions))
+    columns = {
+        "p_target_token": p[rows, target_tokens], "p_draft_token": p[rows, draft_tokens],
+        "q_draft_token": q[rows, draft_tokens], "q_target_token": q[rows, target_tokens],
+        "entropy_p": -(p * p.clamp_min(1e-30).log()).sum(-1), "entropy_q": -(q * q.clamp_min(1e-30).log()).sum(-1),
+        "position": torch.tensor(positions, dtype=torch.float32),
+        "position_share": torch.tensor(positions, dtype=torch.float32) / answer_length,
+    }
+    return [{name: round(float(columns[name][m]), 6) for name in STATS_FEATURES} for m in range(len(positions))]
 
 
 # ---------------------------------------------------------------- the store
@@ -242,13 +228,15 @@ def _hidden_at_end(model, ids: list[int]) -> torch.Tensor:
 
 @dataclass
 class LabelSet:
-    """All mined mismatches: features (n, Hd) and (n, Ht), labels (n,), and the prompt of each row."""
+    """All mined mismatches: features (n, Hd) and (n, Ht), labels (n,), the prompt of each row, and the cheap
+    features (n, len(STATS_FEATURES)) (None for a store mined before they were kept)."""
 
     draft_hidden: torch.Tensor
     target_hidden: torch.Tensor
     labels: torch.Tensor
     prompt_ids: list[str]
     rows: list[dict[str, Any]]
+    stats: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.numel()
@@ -302,12 +290,13 @@ class LabelStore:
                 handle.write(json.dumps({
                     "prompt_id": prompt_id, "position": m.position, "draft_token": m.draft_token,
                     "target_token": m.target_token, "label": m.label, "shard": shard, "row": row,
+                    "continuation_tokens": m.continuation_tokens, "stats": m.stats,
                 }) + "\n")
         with (self.root / "prompts.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({
                 "prompt_id": prompt_id, "reference_answer": mined.reference_answer, "stopped_by": mined.stopped_by,
                 "mismatches": len(mined.mismatches), "important": sum(m.label for m in mined.mismatches),
-                "answer_tokens": len(mined.initial_answer_tokens), "seconds": round(seconds, 3),
+                "found": mined.found, "answer_tokens": len(mined.answer_tokens), "seconds": round(seconds, 3),
             }) + "\n")
 
     def load(self) -> LabelSet:
@@ -328,9 +317,12 @@ class LabelStore:
             target.append(shards[r["shard"]]["target_hidden"][r["row"]])
         if not rows:
             return LabelSet(torch.empty(0, 0), torch.empty(0, 0), torch.empty(0), [], [])
+        stats = None
+        if all("stats" in r for r in rows):
+            stats = torch.tensor([[r["stats"][name] for name in STATS_FEATURES] for r in rows], dtype=torch.float32)
         return LabelSet(
             torch.stack(draft), torch.stack(target), torch.tensor([r["label"] for r in rows], dtype=torch.float32),
-            [r["prompt_id"] for r in rows], rows,
+            [r["prompt_id"] for r in rows], rows, stats,
         )
 
 
