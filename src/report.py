@@ -618,6 +618,42 @@ def plot_autojudge(records: list[dict[str, Any]], stats) -> bytes | None:
     return _png(figure)
 
 
+def autojudge_blocks(records: list[dict[str, Any]], level: int, seed: int, resamples: int) -> list[Block]:
+    """The paper's trade-off: per method (a row per AutoJudge threshold), tokens per target call, answer agreement
+    with the baseline and accuracy against the gold answer, each with a bootstrap CI over prompts."""
+    methods = [m for m in method_order(records) if method_of(m).startswith("autojudge")]
+    if not methods:
+        return []
+    rows = []
+    for method in [m for m in method_order(records) if not method_of(m).startswith("autojudge")] + methods:
+        ok = [r for r in records if r["method"] == method and r["status"] == "ok"]
+        calls = [(r["new_tokens"], r["target_calls"]) for r in ok
+                 if _num(r, "new_tokens") is not None and _num(r, "target_calls")]
+        if not calls:
+            continue
+        tokens, per = np.array([c[0] for c in calls], float), np.array([c[1] for c in calls], float)
+        per_call = tokens.sum() / per.sum()
+        per_call_ci = percentile_ci(lambda idx, t=tokens, c=per: t[idx].sum(1) / c[idx].sum(1), [len(tokens)], seed,
+                                    resamples)
+        shares = []
+        for key in ("answer_matches_baseline", "answer_correct"):
+            hits = np.array([float(r[key]) for r in ok if isinstance(r.get(key), bool)])
+            ci = percentile_ci(lambda idx, h=hits: h[idx].mean(1), [len(hits)], seed, resamples) if len(hits) else None
+            shares.append((float(hits.mean()) if len(hits) else None, ci))
+        threshold = _threshold(records, method)
+        shown = "-" if not method_of(method).startswith("autojudge") else (
+            "fit-time" if threshold is None else f"{threshold:g}")
+        rows.append([method, shown, str(len(ok)), fmt_ci(per_call, per_call_ci)]
+                    + [fmt_ci(*share) if share[0] is not None else "-" for share in shares])
+    header = ["method", "threshold", "prompts", "tok/call [95% CI]", "answer = baseline's [95% CI]",
+              "accuracy [95% CI]"]
+    legend = (f"AutoJudge trade-off: tok/call = total new tokens / total target calls; answer = baseline's: share "
+              f"of prompts whose final answer equals the baseline's (the target's own); accuracy: share equal to the "
+              f"gold answer; 95% percentile bootstrap CIs over prompts ({resamples} resamples, seed {seed}). A "
+              f"lossless method's row is the threshold-0 end of the curve (every mismatch important).")
+    return [("h", level, "AutoJudge: tokens per call vs answer quality"), ("table", header, rows), ("p", legend)]
+
+
 def plot_time_split(stats) -> bytes | None:
     """One stacked bar per method: the shares of its decoding time inside target forwards, inside the drafter, and
     elsewhere (sampling, acceptance, cache rollback, Python)."""
@@ -799,6 +835,7 @@ def section_blocks(section: Section, level: int, prefix: str, seed: int, resampl
     stats = stats_by_method_category(records, seed, resamples)
     return (system_blocks(records, level) + input_blocks(section, level) + missing_fields_blocks(records)
             + summary_blocks(stats, section, level, seed, resamples) + time_blocks(stats, records, level + 1)
+            + autojudge_blocks(records, level + 1, seed, resamples)
             + error_blocks(records, level) + plot_blocks(records, stats, level, prefix))
 
 

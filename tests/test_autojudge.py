@@ -1,5 +1,5 @@
-"""AutoJudge: label mining (against a naive re-implementation of Algorithm 1), features, the label store,
-threshold selection, the judge files, decoding with a judge, and fit on a tiny label set."""
+"""AutoJudge: label mining (against a naive re-implementation), features, the label store, threshold selection,
+the judge files, decoding with a judge, and fit on a tiny label set."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ import pytest
 import torch
 from conftest import build_tiny_llama, perturbed_copy
 
-from src.data.mining import IMPORTANT, UNIMPORTANT, LabelStore, greedy_continue, mine_prompt
+from src.data.mining import (
+    IMPORTANT,
+    STATS_FEATURES,
+    UNIMPORTANT,
+    LabelStore,
+    continuation_budget,
+    mine_prompts,
+)
 from src.decoding.autojudge import AutoJudge
 from src.decoding.baseline import Baseline
 from src.decoding.sampling import SamplingConfig
@@ -35,12 +42,12 @@ def answer_mod(tokens: list[int]) -> str | None:
     return str(sum(tokens) % 4) if tokens else None
 
 
-# ---------------------------------------------------------------- naive reference of Algorithm 1
+# ---------------------------------------------------------------- naive reference
 
 
 @torch.no_grad()
 def naive_greedy(model, prefix: list[int], n: int) -> list[int]:
-    """Greedy decoding by full recomputation: no cache, no guess."""
+    """Greedy decoding by full recomputation: no cache, no batching."""
     out: list[int] = []
     while len(out) < n and (not out or out[-1] not in EOS):
         logits = model(input_ids=torch.tensor([prefix + out])).logits
@@ -50,98 +57,83 @@ def naive_greedy(model, prefix: list[int], n: int) -> list[int]:
 
 @torch.no_grad()
 def naive_mine(target, draft, prompt, n, max_mismatches):
+    """Every mismatch of the draft against the target's own answer, labelled by a one-at-a-time continuation."""
     answer = naive_greedy(target, prompt, n)
-    reference, left, labels = answer_mod(answer), 0, []
-    while len(labels) < max_mismatches:
-        logits = draft(input_ids=torch.tensor([prompt + answer])).logits[0]
-        predicted = [int(logits[len(prompt) - 1 + i].argmax()) for i in range(len(answer))]
-        pos = next((i for i in range(left, len(answer)) if predicted[i] != answer[i]), None)
-        if pos is None:
-            break
-        tail = naive_greedy(target, prompt + answer[:pos] + [predicted[pos]], n - pos - 1) if predicted[pos] not in EOS else []
-        candidate = answer[:pos] + [predicted[pos]] + tail
-        label = UNIMPORTANT if answer_mod(candidate) == reference else IMPORTANT
-        labels.append((pos, predicted[pos], answer[pos], label))
-        if label == UNIMPORTANT:
-            answer = candidate
-        left = pos + 1
-    return labels, answer
+    reference = answer_mod(answer)
+    logits = draft(input_ids=torch.tensor([prompt + answer])).logits[0]
+    predicted = [int(logits[len(prompt) - 1 + i].argmax()) for i in range(len(answer))]
+    found = [i for i in range(len(answer)) if predicted[i] != answer[i]]
+    labels = []
+    for pos in found[:max_mismatches]:
+        token = predicted[pos]
+        budget = 0 if token in EOS else continuation_budget(len(answer), pos, n)
+        tail = naive_greedy(target, prompt + answer[:pos] + [token], budget)
+        capped = len(tail) >= budget and budget < n - pos - 1
+        same = not capped and answer_mod(answer[:pos] + [token] + tail) == reference
+        labels.append((pos, token, answer[pos], UNIMPORTANT if same else IMPORTANT))
+    return labels, answer, len(found)
 
 
 # ---------------------------------------------------------------- mining
 
-
-def test_greedy_continue_with_a_guess_is_exact(noisy_pair):
-    target, _ = noisy_pair
-    plain = naive_greedy(target, PROMPT, 24)
-    for guess in ([], plain, plain[:7] + [0] * 17, [5] * 24):
-        tokens, hidden, _ = greedy_continue(target, PROMPT, 24, EOS, guess=guess)
-        assert tokens == plain, f"guess {guess[:8]}..."
-        assert hidden.shape == (64,)
-    # a right guess is verified in the forward that encodes the prefix; no guess: one forward per token
-    assert greedy_continue(target, PROMPT, 24, EOS, guess=plain)[2] == 1
-    assert greedy_continue(target, PROMPT, 24, EOS)[2] == 24
-    shifted = [7] + plain[:10] + plain[12:]  # the output re-appears in the guess at another offset
-    assert greedy_continue(target, PROMPT, 24, EOS, guess=shifted)[0] == plain
+PROMPTS = [PROMPT, [1, 9, 9], [1, 4, 5, 6, 7, 8, 9, 10, 11]]
 
 
-def test_lookup_chunk_follows_the_latest_ngram_nearest_the_aligned_position():
-    from src.data.mining import lookup_chunk
-
-    guess = [5, 6, 7, 8, 9, 1, 2, 3, 4, 6, 7, 8, 20, 21]
-    assert lookup_chunk([5, 6], guess, 3) == [7, 8, 9]  # aligned: the rest of the guess
-    # the 3-gram (6, 7, 8) occurs twice; the occurrence ending nearest the output's length wins
-    assert lookup_chunk([0, 6, 7, 8], guess, 10) == [9, 1, 2, 3, 4, 6, 7, 8, 20, 21]
-    assert lookup_chunk([0] * 10 + [6, 7, 8], guess, 10) == [20, 21]
-    assert lookup_chunk([0, 0, 0, 0, 0, 0, 1, 2], guess, 10) == [3, 4, 6, 7, 8, 20, 21]
-    assert lookup_chunk([0, 42], guess, 10) == []
-
-
-@pytest.mark.parametrize("max_mismatches", [1, 4, 50])
-def test_mining_matches_a_naive_algorithm_1(noisy_pair, max_mismatches):
+@pytest.mark.parametrize("max_mismatches,fork_batch", [(1, 64), (4, 5), (50, 7)])
+def test_mining_matches_a_naive_reference(noisy_pair, max_mismatches, fork_batch):
     target, draft = noisy_pair
-    mined = mine_prompt(target, draft, PROMPT, 24, EOS, answer_mod, max_mismatches=max_mismatches)
-    expected_labels, expected_final = naive_mine(target, draft, PROMPT, 24, max_mismatches)
-    got = [(m.position, m.draft_token, m.target_token, m.label) for m in mined.mismatches]
-    assert got == expected_labels
-    assert mined.final_answer_tokens == expected_final
-    assert mined.initial_answer_tokens == naive_greedy(target, PROMPT, 24)
-    if max_mismatches == 50:  # the whole answer: both kinds of mismatch occur, and R followed the draft once
-        assert {m.label for m in mined.mismatches} == {IMPORTANT, UNIMPORTANT}
-        assert mined.final_answer_tokens != mined.initial_answer_tokens
-    assert all(a.position < b.position for a, b in zip(mined.mismatches, mined.mismatches[1:]))
-    if max_mismatches == 50:
-        assert mined.stopped_by == "no_mismatch"
+    mined = mine_prompts(target, draft, PROMPTS, 24, EOS, answer_mod, max_mismatches, skip_unfinished=False,
+                         fork_batch=fork_batch)
+    kinds = set()
+    for prompt, result in zip(PROMPTS, mined):
+        expected_labels, expected_answer, found = naive_mine(target, draft, prompt, 24, max_mismatches)
+        assert result.answer_tokens == expected_answer and result.found == found
+        assert [(m.position, m.draft_token, m.target_token, m.label) for m in result.mismatches] == expected_labels
+        kinds |= {m.label for m in result.mismatches}
+    if max_mismatches == 50:  # whole answers: both kinds of mismatch occur
+        assert kinds == {IMPORTANT, UNIMPORTANT}
 
 
-def test_features_are_hidden_states_on_the_sequence_holding_the_draft_token(noisy_pair):
+def test_features_and_stats_are_read_on_the_sequence_holding_the_draft_token(noisy_pair):
     target, draft = noisy_pair
-    mined = mine_prompt(target, draft, PROMPT, 24, EOS, answer_mod, max_mismatches=3)
+    [mined] = mine_prompts(target, draft, [PROMPT], 24, EOS, answer_mod, 3, skip_unfinished=False)
     assert len(mined.mismatches) == 3
-    answer = mined.initial_answer_tokens
+    answer = mined.answer_tokens
     for m in mined.mismatches:
         ids = torch.tensor([PROMPT + answer[: m.position] + [m.draft_token]])
         with torch.no_grad():
-            expected_target = target(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
-            expected_draft = draft(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+            target_out = target(input_ids=ids, output_hidden_states=True)
+            draft_out = draft(input_ids=ids, output_hidden_states=True)
         assert m.target_hidden.shape == (64,) and m.draft_hidden.shape == (64,)
-        torch.testing.assert_close(m.target_hidden, expected_target, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(m.draft_hidden, expected_draft, atol=1e-4, rtol=1e-4)
-        if m.label == UNIMPORTANT:
-            answer = answer[: m.position] + [m.draft_token] + mined.final_answer_tokens[m.position + 1 :]
-            break  # later mismatches sit on the updated answer; the first ones suffice here
+        torch.testing.assert_close(m.target_hidden, target_out.hidden_states[-1][0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m.draft_hidden, draft_out.hidden_states[-1][0, -1], atol=1e-4, rtol=1e-4)
+        p, q = target_out.logits[0, -2].softmax(-1), draft_out.logits[0, -2].softmax(-1)  # the row before the token
+        assert list(m.stats) == list(STATS_FEATURES)
+        assert m.stats["p_target_token"] == pytest.approx(float(p.max()), abs=1e-5)  # R is the target's argmax
+        assert m.stats["p_draft_token"] == pytest.approx(float(p[m.draft_token]), abs=1e-5)
+        assert m.stats["q_draft_token"] == pytest.approx(float(q.max()), abs=1e-5)  # the draft's argmax
+        assert m.stats["q_target_token"] == pytest.approx(float(q[m.target_token]), abs=1e-5)
+        assert m.stats["entropy_p"] == pytest.approx(float(-(p * p.log()).sum()), abs=1e-4)
+        assert m.stats["position"] == m.position and m.stats["position_share"] == pytest.approx(m.position / len(answer), abs=1e-6)
+
+
+def test_a_seeded_sample_when_a_prompt_has_more_mismatches(noisy_pair):
+    target, draft = noisy_pair
+    [everything] = mine_prompts(target, draft, [PROMPT], 24, EOS, answer_mod, 50, skip_unfinished=False)
+    sampled = [mine_prompts(target, draft, [PROMPT], 24, EOS, answer_mod, 3, seeds=[seed], skip_unfinished=False)[0]
+               for seed in (1, 1, 2)]
+    positions = [[m.position for m in s.mismatches] for s in sampled]
+    assert everything.found > 3 and all(len(p) == 3 and p == sorted(p) for p in positions)
+    assert set(positions[0]) <= {m.position for m in everything.mismatches}
+    assert positions[0] == positions[1] != positions[2]  # a seed fixes the sample; another seed changes it
+    by_position = {m.position: m.label for m in everything.mismatches}
+    assert all(by_position[m.position] == m.label for m in sampled[2].mismatches)  # labels do not depend on it
 
 
 def test_no_answer_stops_before_any_label(noisy_pair):
     target, draft = noisy_pair
-    mined = mine_prompt(target, draft, PROMPT, 12, EOS, lambda tokens: None)
+    [mined] = mine_prompts(target, draft, [PROMPT], 12, EOS, lambda tokens: None, skip_unfinished=False)
     assert mined.stopped_by == "no_answer" and not mined.mismatches
-
-
-def test_deadline_stops_mining(noisy_pair):
-    target, draft = noisy_pair
-    mined = mine_prompt(target, draft, PROMPT, 12, EOS, answer_mod, deadline=0.0)
-    assert mined.stopped_by == "deadline" and not mined.mismatches
 
 
 # ---------------------------------------------------------------- store
@@ -152,8 +144,7 @@ def test_store_round_trip_resume_and_a_killed_prompt(noisy_pair, tmp_path):
     store = LabelStore(tmp_path / "labels")
     meta = {"target": TARGET_INFO, "draft": DRAFT_INFO}
     store.open(meta)
-    first = mine_prompt(target, draft, PROMPT, 16, EOS, answer_mod, max_mismatches=3)
-    second = mine_prompt(target, draft, [1, 9, 9], 16, EOS, answer_mod, max_mismatches=2)
+    first, second = mine_prompts(target, draft, [PROMPT, [1, 9, 9]], 16, EOS, answer_mod, 3, skip_unfinished=False)
     store.add("a", first, 1.0)
     store.add("b", second, 1.0)
     # a run killed after writing prompt c's labels but before its prompt row: c is not finished
@@ -163,6 +154,8 @@ def test_store_round_trip_resume_and_a_killed_prompt(noisy_pair, tmp_path):
     assert set(store.finished_prompts()) == {"a", "b"}
     labels = store.load()
     assert len(labels) == len(first.mismatches) + len(second.mismatches)
+    assert labels.stats.shape == (len(labels), len(STATS_FEATURES))
+    assert labels.stats[0].tolist() == pytest.approx([first.mismatches[0].stats[k] for k in STATS_FEATURES], abs=1e-6)
     assert labels.prompt_ids.count("a") == len(first.mismatches)
     torch.testing.assert_close(labels.draft_hidden[0], first.mismatches[0].draft_hidden)
     assert labels.labels.tolist() == [float(m.label) for m in first.mismatches + second.mismatches]
@@ -278,7 +271,8 @@ def test_prepare_loads_the_judge_and_checks_the_pair(tmp_path):
 
 
 def write_label_store(root, prompt_ids: list[str], per_prompt: int = 12, seed: int = 0) -> None:
-    """A store of separable labels: a mismatch is important when its first target feature is positive."""
+    """A store of separable labels: a mismatch is important when its first target feature is positive; the cheap
+    features are noise except ``p_target_token``, which leans (weakly) towards important labels."""
     from src.data.mining import MinedPrompt, Mismatch
 
     generator = torch.Generator().manual_seed(seed)
@@ -289,8 +283,10 @@ def write_label_store(root, prompt_ids: list[str], per_prompt: int = 12, seed: i
         for position in range(per_prompt):
             draft_hidden, target_hidden = torch.randn(8, generator=generator), torch.randn(8, generator=generator)
             label = IMPORTANT if target_hidden[0] > 0 else UNIMPORTANT
-            mismatches.append(Mismatch(position, 3, 4, label, draft_hidden, target_hidden))
-        store.add(prompt_id, MinedPrompt("7", [1], [1], mismatches), 0.1)
+            stats = dict(zip(STATS_FEATURES, torch.rand(len(STATS_FEATURES), generator=generator).tolist()))
+            stats["p_target_token"] = 0.3 * label + 0.7 * stats["p_target_token"]
+            mismatches.append(Mismatch(position, 3, 4, label, draft_hidden, target_hidden, stats))
+        store.add(prompt_id, MinedPrompt("7", [1], mismatches), 0.1)
 
 
 def test_fit_trains_and_exports_a_loadable_judge(tmp_path, monkeypatch):
@@ -310,7 +306,7 @@ def test_fit_trains_and_exports_a_loadable_judge(tmp_path, monkeypatch):
     cli_main([
         "fit", "--config", "configs/autojudge.yaml", "--data.mine_path", str(questions),
         "--data.mine_prompts", "8", "--data.store_dir", str(tmp_path / "labels"), "--data.batch_size", "16",
-        "--model.judge_path", str(judge_path), "--model.learning_rate", "0.05", "--trainer.max_epochs", "15",
+        "--model.judge_path", str(judge_path), "--model.learning_rate", "0.05", "--trainer.max_epochs", "40",
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path / "csv"),
         "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
     ])
@@ -318,31 +314,53 @@ def test_fit_trains_and_exports_a_loadable_judge(tmp_path, monkeypatch):
     assert judge.target == {k: TARGET_INFO[k] for k in ("name", "dtype", "quantization")}
     assert judge.head.in_features == 16 and judge.feature_layout == "draft+target"
     assert judge.metrics["val_auroc"] > 0.9  # the labels are a linear function of one feature
-    assert judge.metrics["val_recall_important"] >= 0.9 and judge.metrics["train_labels"] + judge.metrics["val_labels"] == 96
-    assert judge.metrics["val_labels"] == 2 * 12  # 25% of 8 prompts, split by prompt
+    assert judge.metrics["val_recall_important"] >= 0.9
+    # 20% of 8 prompts -> 2 validation and 2 test prompts of 12 mismatches each, split by prompt
+    assert (judge.metrics["train_labels"], judge.metrics["val_labels"], judge.metrics["test_labels"]) == (48, 24, 24)
     metrics_csv = next((tmp_path / "csv").rglob("metrics.csv")).read_text()
-    assert "val_auroc" in metrics_csv and "train_loss" in metrics_csv
+    assert "val_auroc" in metrics_csv and "train_loss" in metrics_csv and "test_auroc" in metrics_csv
+    evaluation = json.loads((tmp_path / "judge.evaluation.json").read_text())
+    judges = {row["judge"]: row for row in evaluation["judges"]}
+    assert judges["trained judge"]["auroc"] == judge.metrics["test_auroc"] > 0.75  # 24 held-out labels
+    assert judges["always important"]["auroc"] == 0.5
+    assert {"target top-1 probability", "cheap features (logistic)"} <= set(judges)
+    assert evaluation["learning_curve"][-1]["train_labels"] == 48
 
 
 def test_split_is_by_prompt_never_by_token(tmp_path):
     from src.lit.judge import JudgeDataModule
 
     write_label_store(tmp_path / "labels", [f"p{i}" for i in range(10)], per_prompt=5)
-    data = JudgeDataModule(store_dir=str(tmp_path / "labels"), val_fraction=0.3)
+    data = JudgeDataModule(store_dir=str(tmp_path / "labels"), val_fraction=0.3, test_fraction=0.2)
     labels = data.store.load()
-    train, val = data.split_by_prompt(labels)
-    train_prompts = {labels.prompt_ids[i] for i in train.tolist()}
-    val_prompts = {labels.prompt_ids[i] for i in val.tolist()}
-    assert not train_prompts & val_prompts and len(val_prompts) == 3 and len(train) + len(val) == 50
+    splits = data.split_by_prompt(labels)
+    prompts = [{labels.prompt_ids[i] for i in rows.tolist()} for rows in splits]
+    assert [len(p) for p in prompts] == [5, 3, 2] and sum(len(rows) for rows in splits) == 50
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    with pytest.raises(InvalidParameterError, match="val_fraction \\+ test_fraction = 1 leaves no training"):
+        JudgeDataModule(val_fraction=0.5, test_fraction=0.5)
+
+
+def test_too_few_labels_of_one_class_name_the_split_and_the_fix(tmp_path):
+    from src.data.mining import MinedPrompt, Mismatch
+    from src.lit.judge import JudgeDataModule
+
+    store = LabelStore(tmp_path / "labels")
+    store.open({"target": TARGET_INFO, "draft": DRAFT_INFO})
+    for i in range(10):  # every label important
+        store.add(f"p{i}", MinedPrompt("7", [1], [Mismatch(0, 3, 4, IMPORTANT, torch.zeros(4), torch.zeros(4))]), 0.1)
+    data = JudgeDataModule(store_dir=str(tmp_path / "labels"))
+    with pytest.raises(MissingInputError, match="train split has 6 important and 0 unimportant.*mine_prompts"):
+        data.setup("fit")
 
 
 def test_an_answer_cut_by_the_token_limit_is_skipped(noisy_pair):
     target, draft = noisy_pair
-    cut = mine_prompt(target, draft, PROMPT, 12, EOS, answer_mod, skip_unfinished=True)
+    [cut] = mine_prompts(target, draft, [PROMPT], 12, EOS, answer_mod)
     assert cut.stopped_by == "unfinished" and not cut.mismatches
     first = naive_greedy(target, PROMPT, 1)[0]
-    finished = mine_prompt(target, draft, PROMPT, 12, {first}, answer_mod, skip_unfinished=True)
-    assert finished.stopped_by != "unfinished" and finished.initial_answer_tokens == [first]
+    [finished] = mine_prompts(target, draft, [PROMPT], 12, {first}, answer_mod)
+    assert finished.stopped_by != "unfinished" and finished.answer_tokens == [first]
 
 
 def test_answers_are_compared_with_the_baseline_answer():
@@ -356,3 +374,18 @@ def test_answers_are_compared_with_the_baseline_answer():
     compare_with_baseline(records, greedy=True)
     assert [r.get("answer_matches_baseline") for r in records[1:]] == [True, False, False]
     assert records[1]["matches_baseline"] is False and records[1]["first_divergence"] == 1
+
+
+def test_a_gsm8k_file_without_final_answers_is_refused_in_one_line(tmp_path):
+    from src.errors import MalformedInputError
+    from src.lit.judge import JudgeDataModule
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": f"it is {i + 1}"}) + "\n" for i in range(3)))
+    with pytest.raises(MalformedInputError, match="none of its 3 answers ends with a GSM8K final answer '#### <number>'"):
+        JudgeDataModule(path=str(bad)).load_prompts()
+    with pytest.raises(MalformedInputError, match=f"{bad.name}: none of its 3 answers"):
+        JudgeDataModule(mine_path=str(bad)).mining_prompts()
+    good = tmp_path / "good.jsonl"
+    good.write_text(bad.read_text() + json.dumps({"question": "2 + 2?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    assert [p.answer for p in JudgeDataModule(path=str(good)).load_prompts()] == ["1", "2", "3", "4"]

@@ -148,14 +148,14 @@ def test_autojudge_predict_on_the_embedded_pair_with_a_judge_file(tmp_path):
         head.net.bias.fill_(-5.0)  # P(important) ~ 0.007, below every configured threshold: all mismatches pass
     Judge(head, 0.5, "draft+target", target, draft).save(tmp_path / "judge")
     output = tmp_path / "aj.jsonl"
-    args = ["predict", "--config", "configs/autojudge.yaml", "--data.limit", "1", "--model.max_new_tokens", "12",
+    args = ["predict", "--config", "configs/autojudge.yaml", "--data.path", "synthetic:arithmetic:test",
+            "--data.limit", "1", "--model.max_new_tokens", "12",
             "--model.draft.dtype", "bfloat16", "--model.draft.quantization", "none",
             "--model.judge_path", str(tmp_path / "judge"), "--trainer.logger", "false", "--trainer.callbacks", "[]",
             "--trainer.enable_progress_bar", "false", "--output", str(output)]
     cli_main(args)
     records = {r["method"]: r for r in read_records(output)}
-    assert set(records) == {"baseline", "speculative", "autojudge[threshold=None]", "autojudge[threshold=0.5]",
-                            "autojudge[threshold=0.8]"}
+    assert set(records) == {"baseline", "speculative", "autojudge[threshold=None]", "autojudge[threshold=0.5]"}
     assert all(r["status"] == "ok" and "answer_correct" in r for r in records.values()), [r.get("error") for r in records.values()]
     let_through = records["autojudge[threshold=0.5]"]
     assert let_through["judge_accepted"] <= let_through["accepted_tokens"] - let_through["exact_accepted_tokens"]

@@ -399,3 +399,14 @@ def test_directory_input_is_one_line_error(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "report")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"results file {tmp_path} is not a file" in err
+
+
+def test_autojudge_tradeoff_table_gives_cis_per_threshold(rich_report):
+    md = (rich_report / "report.md").read_text()
+    assert "AutoJudge: tokens per call vs answer quality" in md
+    rows = {cells[0]: cells for line in md.splitlines()
+            if len(cells := [c.strip() for c in line.strip("|").split(" | ")]) == 6}
+    low = rows["autojudge[threshold=0.3]"]
+    assert low[1:3] == ["0.3", "4"] and low[3].startswith("4.000")  # 8 tokens / 2 calls on every prompt
+    assert low[5].startswith("0.750 [") and rows["autojudge[threshold=0.6]"][5].startswith("0.500 [")
+    assert rows["baseline"][1] == "-" and rows["baseline"][4] == "-"  # no answer_matches_baseline on the baseline

@@ -45,6 +45,7 @@ from src.errors import IncompatibleModelsError, MalformedInputError
 log = logging.getLogger(__name__)
 
 IMPORTANT, UNIMPORTANT = 1, 0
+LOOP_WINDOW = 32  # a greedy output repeating a window this long is looping (src.decoding.branches.BranchDecoder)
 
 # The cheap per-label features, in this order (p = target, q = draft, both at temperature 1, on the teacher-
 # forced answer R): p of the target's token (its top-1 probability, R being greedy), p of the draft's token,
@@ -111,7 +112,7 @@ def mine_prompts(
     continuations decoded side by side at most (the forward's width).
     """
     # Step 1: R = the target's greedy answer of every prompt; its final answer is the reference.
-    answers = greedy_answers(target, prompts, max_new_tokens, eos_token_ids)
+    answers = greedy_answers(target, prompts, max_new_tokens, eos_token_ids, LOOP_WINDOW)
     results = [MinedPrompt(answer_of(answer), answer) for answer in answers]
     candidates = []
     for index, result in enumerate(results):
@@ -180,7 +181,7 @@ def continuation_budget(answer_length: int, position: int, max_new_tokens: int) 
 def _label_forks(target, batch, sequences, max_new_tokens, eos_token_ids, answer_of, shared_vocab) -> None:
     """Steps 3-4 for the prompts of ``batch``: the target reads every draft token and continues greedily to an
     EOS or :func:`continuation_budget`; same final answer as R -> unimportant, else important."""
-    decoder = BranchDecoder(target, eos_token_ids)
+    decoder = BranchDecoder(target, eos_token_ids, LOOP_WINDOW)
     target_logits, _ = decoder.prefill(sequences)
     forks, offset = [], 0
     for sequence_index, (_, item) in enumerate(batch):
@@ -199,9 +200,11 @@ def _label_forks(target, batch, sequences, max_new_tokens, eos_token_ids, answer
         for position, token, stats, draft_fork in zip(item.positions, item.draft_tokens, item.stats, item.draft_forks):
             target_fork, budget = next(forks)
             tail = target_fork.tokens
-            # A continuation still running at its budget has left R's final answer behind: important.
-            finished = token in eos_token_ids or bool(tail and tail[-1] in eos_token_ids) or len(tail) < budget
-            same = finished and answer_of(answer[:position] + [token] + tail) == item.result.reference_answer
+            # A continuation that loops, or still runs at twice R's length, has left R's final answer behind:
+            # important. (One cut by max_new_tokens itself is read like R: only with skip_unfinished off.)
+            capped = len(tail) >= budget and budget < max_new_tokens - position - 1
+            same = (not target_fork.looped and not capped
+                    and answer_of(answer[:position] + [token] + tail) == item.result.reference_answer)
             item.result.mismatches.append(Mismatch(position, token, answer[position], UNIMPORTANT if same else IMPORTANT,
                                                    draft_fork.hidden, target_fork.hidden, stats, len(tail)))
 
@@ -318,7 +321,7 @@ class LabelStore:
         if not rows:
             return LabelSet(torch.empty(0, 0), torch.empty(0, 0), torch.empty(0), [], [])
         stats = None
-        if all("stats" in r for r in rows):
+        if all(r.get("stats") for r in rows):
             stats = torch.tensor([[r["stats"][name] for name in STATS_FEATURES] for r in rows], dtype=torch.float32)
         return LabelSet(
             torch.stack(draft), torch.stack(target), torch.tensor([r["label"] for r in rows], dtype=torch.float32),

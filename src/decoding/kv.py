@@ -125,3 +125,42 @@ def keep_cache_positions(cache: DynamicCache, start: int, keep: torch.Tensor) ->
             continue
         layer.keys = torch.cat([layer.keys[..., :start, :], kept_keys], dim=-2)
         layer.values = torch.cat([layer.values[..., :start, :], kept_values], dim=-2)
+
+
+def cache_entries(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values), (batch, kv_heads, seq, head_dim): views of what the cache holds."""
+    return [(layer.keys, layer.values) for layer in _layers(cache)]
+
+
+def cache_from_entries(entries: list[tuple[torch.Tensor, torch.Tensor]], capacity: int) -> DynamicCache:
+    """A cache holding ``entries`` (per layer (keys, values), (batch, kv_heads, n, head_dim)) in buffers with room
+    for exactly ``capacity`` positions: a batch of many rows would waste gigabytes on the usual doubling."""
+    cache = new_cache()
+    for keys, values in entries:
+        if capacity < keys.shape[-2]:
+            raise ValueError(f"capacity {capacity} is below the {keys.shape[-2]} positions given")
+        layer = BufferedLayer()
+        layer.lazy_initialization(keys, values)
+        layer.key_buffer = keys.new_empty((*keys.shape[:-2], capacity, keys.shape[-1]))
+        layer.value_buffer = values.new_empty((*values.shape[:-2], capacity, values.shape[-1]))
+        write(layer.key_buffer, 0, keys)
+        write(layer.value_buffer, 0, values)
+        layer.keys = layer.key_buffer[..., : keys.shape[-2], :]
+        layer.values = layer.value_buffer[..., : values.shape[-2], :]
+        cache.layers.append(layer)
+    return cache
+
+
+def select_cache_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep the batch rows ``rows`` (in that order) and drop the others, spare buffer capacity included."""
+    for layer in _layers(cache):
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        index = rows.to(layer.keys.device, torch.long)
+        length = layer.keys.shape[-2]
+        if isinstance(layer, BufferedLayer) and layer.key_buffer is not None:
+            layer.key_buffer = layer.key_buffer.index_select(0, index)
+            layer.value_buffer = layer.value_buffer.index_select(0, index)
+            layer.keys, layer.values = layer.key_buffer[..., :length, :], layer.value_buffer[..., :length, :]
+        else:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)

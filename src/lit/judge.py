@@ -12,10 +12,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,82 +26,117 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryF1Score, BinaryRecall
 
-from src.data.mining import LabelSet, LabelStore, mine_prompt
+from src.data.mining import LabelSet, LabelStore, mine_prompts
 from src.data.prompts import encode_messages
 from src.decoding.autojudge import AutoJudge
-from src.errors import InvalidParameterError, MissingInputError
+from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
 from src.lit.data import PromptDataModule
 from src.lit.distributed import gather_from_ranks
 from src.lit.module import DecodingModule
 from src.models.judge import FeatureLayout, HeadType, Judge, JudgeHead, select_threshold
+from src.models.judge_eval import evaluate_judges
 
 log = logging.getLogger(__name__)
+
+MINING_VERSION = "forks/2"  # src.data.mining's labelling: a store mined by another version is refused
+
+
+def prompt_seed(prompt_id: str, seed: int) -> int:
+    """A per-prompt seed (for sampling its mismatches) that does not depend on the order prompts are mined in."""
+    return int(hashlib.sha1(f"{seed}:{prompt_id}".encode()).hexdigest()[:8], 16)
 
 
 class JudgeDataModule(PromptDataModule):
     """Mined AutoJudge labels for ``fit``; held-out prompts (``path`` etc., see PromptDataModule) for ``predict``.
 
     Args:
-        mine_path: prompts to mine from (a task with a checkable final answer): ``synthetic:arithmetic`` (built-in
-            word problems, train split) or a GSM8K-format JSONL.
+        mine_path: prompts to mine from (a task with a checkable final answer): a GSM8K-format JSONL (the
+            paper's choice; ``hub:openai/gsm8k:main`` with ``split: train``), or ``synthetic:arithmetic`` (built-in
+            word problems, train split: no file needed).
+        mine_split: the split of a ``hub:`` mine_path (``train``; ``split`` is the predict side's, ``test``).
         mine_prompts: how many of them to mine.
         mine_max_new_tokens: length of the target's answers while mining (a prompt whose answer does not end
             within it is skipped: its last number is not a final answer).
-        mine_max_mismatches: labels per prompt at most.
-        mine_time_budget_s: wall-time budget of the whole mining (prompts left are skipped; rerun to go on).
+        mine_max_mismatches: labels per prompt at most (a seeded sample of its mismatches when it has more).
+        mine_time_budget_s: wall-time budget of the whole mining, checked between groups (prompts left are
+            skipped; rerun fit to go on).
+        mine_group: prompts whose answers are decoded side by side (:mod:`src.decoding.branches`).
+        mine_fork_batch: mismatch continuations decoded side by side at most.
         store_dir: the label store; mined once, reused by later fits (delete it to mine again).
         answer_extractor: how a final answer is read from a text (see ``src.data.answers.ANSWER_EXTRACTORS``).
         feature_layout: ``draft+target`` hidden states (the paper's default) or ``target`` only.
-        val_fraction: share of *prompts* (never single tokens) held out for validation.
+        val_fraction: share of *prompts* (never single tokens) that pick the epoch and the threshold.
+        test_fraction: share of prompts held out from training and from every choice: the judge evaluation
+            (AUROC with bootstrap CIs next to trivial judges, :mod:`src.models.judge_eval`) is computed on them.
         batch_size: training batch size.
     """
 
     def __init__(
         self,
         mine_path: str = "synthetic:arithmetic",
+        mine_split: str = "train",
         mine_prompts: int = 48,
-        mine_max_new_tokens: int = 128,
-        mine_max_mismatches: int = 4,
+        mine_max_new_tokens: int = 256,
+        mine_max_mismatches: int = 32,
         mine_time_budget_s: float = 900.0,
+        mine_group: int = 16,
+        mine_fork_batch: int = 128,
         store_dir: str = "artifacts/autojudge/labels",
         answer_extractor: str = "gsm8k",
         feature_layout: FeatureLayout = "draft+target",
-        val_fraction: float = 0.25,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
         batch_size: int = 64,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 < val_fraction < 1.0:
-            raise InvalidParameterError(f"val_fraction={val_fraction} is invalid: use a share in (0, 1)")
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < value < 1.0:
+                raise InvalidParameterError(f"{name}={value} is invalid: use a share in (0, 1)")
+        if val_fraction + test_fraction >= 1.0:
+            raise InvalidParameterError(
+                f"val_fraction + test_fraction = {val_fraction + test_fraction:g} leaves no training prompts: "
+                "keep their sum below 1 (e.g. 0.2 + 0.2)")
         for name, value in (("mine_prompts", mine_prompts), ("mine_max_new_tokens", mine_max_new_tokens),
-                            ("mine_max_mismatches", mine_max_mismatches), ("batch_size", batch_size)):
+                            ("mine_max_mismatches", mine_max_mismatches), ("mine_group", mine_group),
+                            ("mine_fork_batch", mine_fork_batch), ("batch_size", batch_size)):
             if value < 1:
                 raise InvalidParameterError(f"{name}={value} is invalid: use a value >= 1")
         self.mine_path = mine_path
+        self.mine_split = mine_split
         self.mine_prompts = mine_prompts
         self.mine_max_new_tokens = mine_max_new_tokens
         self.mine_max_mismatches = mine_max_mismatches
         self.mine_time_budget_s = mine_time_budget_s
+        self.mine_group = mine_group
+        self.mine_fork_batch = mine_fork_batch
         self.store = LabelStore(store_dir)
         self.answer_extractor = answer_extractor
         self.feature_layout = feature_layout
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.batch_size = batch_size
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
+    def load_prompts(self):
+        prompts = super().load_prompts()
+        check_final_answers(prompts, self.path)
+        return prompts
+
     # ---- mining ---------------------------------------------------------------------------------------------
     def mining_prompts(self):
-        source = PromptDataModule(path=self.mine_path, limit=self.mine_prompts, seed=self.seed,
+        source = PromptDataModule(path=self.mine_path, split=self.mine_split, limit=self.mine_prompts, seed=self.seed,
                                   chat_template=self.chat_template, system_prompt=self.system_prompt)
-        return source.load_prompts()
+        return check_final_answers(source.load_prompts(), self.mine_path)
 
     def mining_settings(self, module: DecodingModule) -> dict[str, Any]:
         return {
             "target": module.pair.target.info, "draft": module.pair.draft.info if module.pair.draft else None,
-            "mine_path": self.mine_path, "mine_max_new_tokens": self.mine_max_new_tokens,
+            "mine_path": self.mine_path, "mine_split": self.mine_split, "mine_max_new_tokens": self.mine_max_new_tokens,
             "mine_max_mismatches": self.mine_max_mismatches, "answer_extractor": self.answer_extractor,
             "chat_template": self.chat_template, "system_prompt": self.system_prompt, "seed": self.seed,
+            "mining": MINING_VERSION,
         }
 
     def prepare_data(self) -> None:
@@ -123,33 +161,44 @@ class JudgeDataModule(PromptDataModule):
         from src.data.answers import extract_answer
 
         pair, tokenizer = module.pair, module.pair.tokenizer
-        deadline = time.monotonic() + self.mine_time_budget_s
+        start = time.monotonic()
 
         def answer_of(tokens: list[int]) -> str | None:
             return extract_answer(tokenizer.decode(tokens, skip_special_tokens=True), self.answer_extractor)
 
-        progress = _progress(len(prompts), "mining AutoJudge labels")
-        labels = important = skipped = 0
-        for prompt in prompts:
-            if time.monotonic() > deadline:
-                log.warning("mining budget (%.0f s) spent: %d prompts left; rerun fit to go on", self.mine_time_budget_s,
-                            len(prompts) - progress.n)
-                break
+        def encode(prompt) -> list[int]:
             messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
                 {"role": "user", "content": prompt.turns[0]}]
-            ids = encode_messages(tokenizer, messages, self.chat_template)[0].tolist()
-            start = time.monotonic()
-            mined = mine_prompt(pair.target.model, pair.draft.model, ids, self.mine_max_new_tokens, pair.eos_token_ids,
-                                answer_of, self.mine_max_mismatches, deadline, skip_unfinished=True)
-            self.store.add(prompt.prompt_id, mined, time.monotonic() - start)
-            labels += len(mined.mismatches)
-            important += sum(m.label for m in mined.mismatches)
-            progress.update(1)
-            skipped += mined.stopped_by in ("unfinished", "no_answer")
-            progress.set_postfix_str(f"{labels} labels, {important} important, {skipped} skipped")
+            return encode_messages(tokenizer, messages, self.chat_template)[0].tolist()
+
+        progress = _progress(len(prompts), "mining AutoJudge labels")
+        labels = important = skipped = 0
+        for first in range(0, len(prompts), self.mine_group):
+            if time.monotonic() - start > self.mine_time_budget_s:
+                log.warning("mining budget (%.0f s) spent: %d prompts left; rerun fit to go on", self.mine_time_budget_s,
+                            len(prompts) - first)
+                break
+            group = prompts[first : first + self.mine_group]
+            group_start = time.monotonic()
+            mined = mine_prompts(
+                pair.target.model, pair.draft.model, [encode(p) for p in group], self.mine_max_new_tokens,
+                pair.eos_token_ids, answer_of, self.mine_max_mismatches,
+                seeds=[prompt_seed(p.prompt_id, self.seed) for p in group], fork_batch=self.mine_fork_batch,
+            )
+            seconds = (time.monotonic() - group_start) / len(group)
+            for prompt, result in zip(group, mined):
+                self.store.add(prompt.prompt_id, result, seconds)
+                labels += len(result.mismatches)
+                important += sum(m.label for m in result.mismatches)
+                skipped += result.stopped_by in ("unfinished", "no_answer")
+            progress.update(len(group))
+            minutes = (time.monotonic() - start) / 60
+            progress.set_postfix_str(f"{labels} labels ({labels / minutes:.0f}/min), {important} important, "
+                                     f"{skipped} skipped")
         progress.close()
-        log.info("mined %d labels (%d important) from %d prompts (+%d earlier) into %s", labels, important,
-                 progress.n, already, self.store.root)
+        minutes = (time.monotonic() - start) / 60
+        log.info("mined %d labels (%d important) from %d prompts (+%d earlier) in %.1f min (%.1f labels/min) into %s",
+                 labels, important, progress.n, already, minutes, labels / max(minutes, 1e-9), self.store.root)
 
     # ---- training data --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -161,8 +210,11 @@ class JudgeDataModule(PromptDataModule):
                 f"label store {self.store.root} holds no labels: mine more prompts (mine_prompts, "
                 "mine_time_budget_s) or use a draft that disagrees with the target more often"
             )
-        train_rows, val_rows = self.split_by_prompt(labels)
+        train_rows, val_rows, test_rows = self.split_by_prompt(labels)
+        check_classes(labels, {"train": train_rows, "validation": val_rows, "test": test_rows}, self.store.root)
         features = self.features_of(labels)
+        self.labels, self.rows = labels, {"train": train_rows, "val": val_rows, "test": test_rows}
+        self.features = features
         self.train_set = TensorDataset(features[train_rows], labels.labels[train_rows])
         # Validation rows carry their index: under DDP every rank scores a shard (padded with repeats to equal
         # sizes) and the epoch's metrics are computed on the gathered rows, each once.
@@ -172,22 +224,24 @@ class JudgeDataModule(PromptDataModule):
         self.feature_std = features[train_rows].std(0) if len(train_rows) > 1 else torch.ones(features.shape[1])
         self.important_share = float(train_labels.mean()) if len(train_rows) else 0.0
         self.pair_info = {k: self.store.meta().get(k) for k in ("target", "draft")}
-        log.info("judge data: %d train / %d val mismatches, %.0f%% important", len(train_rows), len(val_rows),
-                 100 * self.important_share)
+        log.info("judge data: %d train / %d val / %d test mismatches, %.0f%% important", len(train_rows),
+                 len(val_rows), len(test_rows), 100 * self.important_share)
 
     def features_of(self, labels: LabelSet) -> torch.Tensor:
         if self.feature_layout == "target":
             return labels.target_hidden
         return torch.cat([labels.draft_hidden, labels.target_hidden], dim=-1)
 
-    def split_by_prompt(self, labels: LabelSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row indices of train and validation, split by prompt with ``seed`` (never across one prompt)."""
+    def split_by_prompt(self, labels: LabelSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row indices of train, validation and test, split by prompt with ``seed`` (never across one prompt)."""
         prompts = sorted(set(labels.prompt_ids))
         random.Random(self.seed).shuffle(prompts)
-        n_val = max(1, math.ceil(self.val_fraction * len(prompts))) if len(prompts) > 1 else 0
-        val_prompts = set(prompts[:n_val])
-        is_val = torch.tensor([p in val_prompts for p in labels.prompt_ids])
-        return (~is_val).nonzero().squeeze(-1), is_val.nonzero().squeeze(-1)
+        n_val = math.ceil(self.val_fraction * len(prompts)) if len(prompts) > 2 else 0
+        n_test = math.ceil(self.test_fraction * len(prompts)) if len(prompts) > 2 else 0
+        part = {p: "val" for p in prompts[:n_val]} | {p: "test" for p in prompts[n_val : n_val + n_test]}
+        of_row = [part.get(p, "train") for p in labels.prompt_ids]
+        return tuple(torch.tensor([i for i, name in enumerate(of_row) if name == wanted], dtype=torch.long)
+                     for wanted in ("train", "val", "test"))
 
     @property
     def feature_dim(self) -> int:
@@ -199,6 +253,38 @@ class JudgeDataModule(PromptDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=max(self.batch_size, 256), shuffle=False)
+
+
+def check_final_answers(prompts, source: str):
+    """A GSM8K-format source whose reference answers carry no ``#### <number>`` is the wrong file: one line.
+    (Only some rows without one: a warning; their gold answer is then their last number.)"""
+    with_reference = [p for p in prompts if p.reference]
+    missing = [p for p in with_reference if "####" not in p.reference[-1] or p.answer is None]
+    if missing and len(missing) == len(with_reference):
+        raise MalformedInputError(
+            f"{source}: none of its {len(with_reference)} answers ends with a GSM8K final answer '#### <number>' "
+            f"(prompt {missing[0].prompt_id} is one): AutoJudge labels and accuracy need it; use GSM8K's own files "
+            "(hub:openai/gsm8k:main, or its train/test JSONL) or end each answer with '#### <number>'")
+    if missing:
+        log.warning("%s: %d of %d answers have no '#### <number>' final answer; their gold answer is their last number",
+                    source, len(missing), len(with_reference))
+    return prompts
+
+
+MIN_LABELS_PER_CLASS = 5  # fewer important or unimportant labels in a split than this cannot train or rank
+
+
+def check_classes(labels: LabelSet, splits: dict[str, torch.Tensor], store: Any) -> None:
+    """One line naming the split and its counts when a split lacks one of the two classes."""
+    for name, rows in splits.items():
+        important = int(labels.labels[rows].sum())
+        unimportant = len(rows) - important
+        if min(important, unimportant) < MIN_LABELS_PER_CLASS:
+            raise MissingInputError(
+                f"label store {store}: the {name} split has {important} important and {unimportant} unimportant "
+                f"labels (at least {MIN_LABELS_PER_CLASS} of each are needed): mine more prompts "
+                "(raise data.mine_prompts and data.mine_time_budget_s, then rerun fit: mining resumes)"
+            )
 
 
 def gather_validation_rows(
@@ -334,15 +420,34 @@ class AutoJudgeModule(DecodingModule):
                          "metrics": {k: float(v) for k, v in values.items()} | {"epoch": self.current_epoch}}
 
     def on_fit_end(self) -> None:
-        """Export the judge of the best validation epoch (its threshold chosen on that epoch's scores)."""
+        """Export the judge of the best validation epoch (its threshold chosen on that epoch's scores), then
+        evaluate it on the held-out test prompts next to trivial judges (:mod:`src.models.judge_eval`)."""
         if self.best is None or not self.trainer.is_global_zero:
             return
         self.head.load_state_dict(self.best["state"])
         data = self.trainer.datamodule
-        judge = Judge(self.head.cpu(), self.best["threshold"], data.feature_layout, data.pair_info["target"],
-                      data.pair_info["draft"], metrics=self.best["metrics"] | {
+        head = self.head.cpu().eval()
+        with torch.no_grad():
+            test_scores = torch.sigmoid(head(data.features[data.rows["test"]]))
+        recipe = {"head": self.head_type, "epochs": self.trainer.max_epochs or 60, "learning_rate": self.learning_rate,
+                  "weight_decay": self.weight_decay, "batch_size": data.batch_size,
+                  "class_weighting": self.class_weighting}
+        evaluation = evaluate_judges(test_scores, data.labels, data.features, data.rows, recipe, seed=data.seed)
+        trained = evaluation["judges"][0]
+        test_metrics = {"test_auroc": trained["auroc"], "test_auroc_ci": trained["auroc_ci"],
+                        "test_average_precision": trained["average_precision"],
+                        "test_labels": evaluation["test_labels"]}
+        judge = Judge(head, self.best["threshold"], data.feature_layout, data.pair_info["target"],
+                      data.pair_info["draft"], metrics=self.best["metrics"] | test_metrics | {
                           "train_labels": len(data.train_set), "val_labels": len(data.val_set),
                           "recall_target": self.recall_target})
         weights, meta = judge.save(self.judge_path)
+        report = Path(f"{self.judge_path}.evaluation.json")
+        report.write_text(json.dumps({k: v for k, v in evaluation.items() if k != "table"}, indent=2) + "\n")
+        for logger in self.trainer.loggers:
+            logger.log_metrics({"test_auroc": trained["auroc"], "test_auroc_low": trained["auroc_ci"][0],
+                                "test_auroc_high": trained["auroc_ci"][1]})
         shown = ", ".join(f"{k}={v:.3f}" for k, v in self.best["metrics"].items() if isinstance(v, float))
         print(f"exported judge to {weights} and {meta} ({shown})")
+        print(evaluation["table"])
+        print(f"(written to {report})")
