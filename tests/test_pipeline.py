@@ -165,3 +165,31 @@ def test_autojudge_predict_on_the_embedded_pair_with_a_judge_file(tmp_path):
     Judge(head, 0.5, "draft+target", target, {**draft, "dtype": "float16"}).save(tmp_path / "other")
     with pytest.raises(ValueError, match="trained for draft"):
         cli_main(args[:-1] + [str(tmp_path / "other.jsonl"), "--model.judge_path", str(tmp_path / "other")])
+
+
+@pytest.mark.slow
+def test_autojudge_fit_mines_the_embedded_pair_resumably(tmp_path, monkeypatch):
+    """fit on the embedded pair (bf16 draft) and the built-in arithmetic problems: a group of problems is mined
+    into the store, too few labels stop the fit with the counts, and a second fit with one more problem mines
+    only that one."""
+    from src.cli import cli_main
+    from src.data.mining import LabelStore
+    from src.errors import MissingInputError
+
+    monkeypatch.chdir(ROOT)
+    store = tmp_path / "labels"
+    args = ["fit", "--config", "configs/autojudge.yaml", "--data.mine_path", "synthetic:arithmetic",
+            "--data.mine_max_new_tokens", "96", "--data.mine_group", "2", "--data.store_dir", str(store),
+            "--model.draft.dtype", "bfloat16", "--model.draft.quantization", "none",
+            "--model.judge_path", str(tmp_path / "judge"), "--trainer.logger", "false", "--trainer.callbacks", "[]",
+            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
+    with pytest.raises(MissingInputError, match="split has .* important and .* unimportant labels"):
+        cli_main(args + ["--data.mine_prompts", "3"])
+    first = LabelStore(store).finished_prompts()
+    assert len(first) == 3 and LabelStore(store).meta()["mining"] == "forks/2"
+    labels = LabelStore(store).load()
+    assert len(labels) == sum(row["mismatches"] for row in first.values()) and labels.stats is not None
+    with pytest.raises(MissingInputError):
+        cli_main(args + ["--data.mine_prompts", "4"])
+    second = LabelStore(store).finished_prompts()
+    assert len(second) == 4 and all(second[p]["seconds"] == first[p]["seconds"] for p in first)

@@ -61,7 +61,8 @@ class JudgeDataModule(PromptDataModule):
         mine_time_budget_s: wall-time budget of the whole mining, checked between groups (prompts left are
             skipped; rerun fit to go on).
         mine_group: prompts whose answers are decoded side by side (:mod:`src.decoding.branches`).
-        mine_fork_batch: mismatch continuations decoded side by side at most.
+        mine_fork_batch: mismatch continuations decoded side by side at most (one batch row and KV cache each:
+            ~9 GB peak at 256 on the embedded pair; lower it for a bigger target).
         store_dir: the label store; mined once, reused by later fits (delete it to mine again).
         answer_extractor: how a final answer is read from a text (see ``src.data.answers.ANSWER_EXTRACTORS``).
         feature_layout: ``draft+target`` hidden states (the paper's default) or ``target`` only.
