@@ -40,6 +40,7 @@ import torch
 
 from src.decoding.base import vocab_width
 from src.decoding.branches import BranchDecoder, greedy_answers
+from src.decoding.sampling import SamplingConfig, logits_to_probs
 from src.errors import IncompatibleModelsError, MalformedInputError
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,8 @@ def mismatch_stats(
     positions: list[int], answer_length: int,
 ) -> list[dict[str, float]]:
     """:data:`STATS_FEATURES` of m mismatches from the target's (p) and draft's (q) logit rows (m, V)."""
-    p, q = torch.softmax(p_logits.float(), -1), torch.softmax(q_logits.float(), -1)
+    plain = SamplingConfig(temperature=1.0)
+    p, q = logits_to_probs(p_logits.float(), plain), logits_to_probs(q_logits.float(), plain)
     rows = torch.arange(len(positions))
     columns = {
         "p_target_token": p[rows, target_tokens], "p_draft_token": p[rows, draft_tokens],

@@ -130,12 +130,10 @@ class BranchDecoder:
         positions = torch.zeros(len(sequences), queries, dtype=torch.long)
         mask = torch.zeros(len(sequences), 1, queries, width + queries, dtype=torch.bool)
         mask[:, 0, torch.arange(queries), width + torch.arange(queries)] = True  # every query sees itself
-        slots = {}
         for row, forks in enumerate(by_row):
             for q, branch in enumerate(forks):
                 ids[row, q], positions[row, q] = branch.pending, branch.position
                 mask[row, 0, q, : branch.position] = True
-                slots[id(branch)] = (row, width + q)
         logits, hidden = model_logits_and_hidden(self.model, ids.to(self.device), cache, positions.to(self.device),
                                                  mask.to(self.device))
         following = logits[..., : self.vocab].argmax(-1).tolist()
@@ -146,7 +144,8 @@ class BranchDecoder:
                     branch.done = True
                 else:
                     self._emit(branch, following[row][q])
-        return [slots[id(b)] for b in self.branches], cache_entries(cache)
+        placed = {id(b): (row, width + q) for row, forks in enumerate(by_row) for q, b in enumerate(forks)}
+        return [placed[id(b)] for b in self.branches], cache_entries(cache)
 
     def _continue(self, placed: list[tuple[int, int]], entries: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Stage 3: one batch row per branch still running, until every one is done."""

@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryF1Score, BinaryRecall
 
 from src.data.mining import LabelSet, LabelStore, mine_prompts
-from src.data.prompts import encode_messages
 from src.decoding.autojudge import AutoJudge
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
 from src.lit.data import PromptDataModule
@@ -167,10 +166,11 @@ class JudgeDataModule(PromptDataModule):
         def answer_of(tokens: list[int]) -> str | None:
             return extract_answer(tokenizer.decode(tokens, skip_special_tokens=True), self.answer_extractor)
 
-        def encode(prompt) -> list[int]:
-            messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
-                {"role": "user", "content": prompt.turns[0]}]
-            return encode_messages(tokenizer, messages, self.chat_template)[0].tolist()
+        options = {"chat_template": self.chat_template, "system_prompt": self.system_prompt}
+
+        def encode(prompt) -> list[int]:  # formatted as predict formats a first turn
+            messages = module._system_messages(options) + [{"role": "user", "content": prompt.turns[0]}]
+            return module._prompt_ids(options, messages)[0][0].tolist()
 
         progress = _progress(len(prompts), "mining AutoJudge labels")
         labels = important = skipped = 0
