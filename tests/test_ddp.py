@@ -210,3 +210,42 @@ def test_validation_rows_are_gathered_once_each():
     rows = [torch.tensor([2, 1]), torch.tensor([0, 2])]
     got_scores, got_labels = gather_validation_rows(scores, labels, rows)
     assert got_scores.tolist() == pytest.approx([0.4, 0.9, 0.1]) and got_labels.tolist() == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.slow
+def test_eagle_fit_under_ddp_counts_each_validation_conversation_once(tmp_path):
+    """``fit`` of the EAGLE head with two gloo processes: features built once (rank 0), validation counts gathered
+    per conversation, so a conversation the distributed sampler repeats to even out the ranks is counted once.
+    The head does not move (learning rate 0), so both runs export the figures of the same initial head."""
+    import yaml
+
+    predict_config = yaml.safe_load(write_tiny_predict_config(tmp_path, 1).read_text())
+    model_dir = predict_config["model"]["init_args"]["target"]["name_or_path"]
+    conversations = tmp_path / "train.jsonl"  # read by teacher forcing (a random model's own answers are empty)
+    conversations.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}. "
+                                                 f"The sum is {2 * i}.\n#### {2 * i}"}) + "\n" for i in range(23)))
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text(json.dumps({"question_id": 0, "category": "t", "turns": ["Hello there."]}) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    metrics = {}
+    for name, extra in (("one", ()), ("ddp", DDP)):
+        args = [
+            sys.executable, "-m", "src", "fit", "--config", "configs/eagle.yaml", "--seed_everything", "0",
+            "--model.init_args.target.name_or_path", model_dir, "--model.init_args.draft.name_or_path", model_dir,
+            "--model.init_args.head_path", str(tmp_path / name / "head"), "--model.init_args.top_tokens", "512",
+            "--model.init_args.learning_rate", "0.0",
+            "--data.init_args.train_sources", f"[{conversations}]", "--data.init_args.train_limit", "null",
+            "--data.init_args.self_distill_path", "null", "--data.init_args.self_distill_prompts", "0",
+            "--data.init_args.store_dir", str(tmp_path / name / "features"), "--data.init_args.val_fraction", "0.3",
+            "--data.init_args.batch_size", "2", "--data.init_args.path", str(evaluation), "--data.init_args.limit", "1",
+            "--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", *extra,
+        ]
+        result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert result.stdout.count("exported EAGLE head") == 1  # rank 0 alone exports
+        metrics[name] = json.loads((tmp_path / name / "head.json").read_text())["metadata"]["metrics"]
+    held_out = json.loads((tmp_path / "one" / "head.json").read_text())["metadata"]["val_conversations"]
+    assert held_out % 2 == 1  # an odd validation set: the sampler pads one rank with a repeat
+    assert metrics["one"]["val_positions"] > 0
+    assert json.dumps(metrics["ddp"], sort_keys=True) == json.dumps(metrics["one"], sort_keys=True)  # NaN-safe

@@ -7,6 +7,7 @@ import json
 
 import lightning as L
 import pytest
+import torch
 from conftest import build_char_tokenizer, build_tiny_llama
 
 from src.data.prompts import encode_messages
@@ -29,12 +30,12 @@ def write_prompts(path, questions):
     return path
 
 
-def tiny_module(tmp_path, **kwargs) -> EagleModule:
+def tiny_module(tmp_path, dtype: torch.dtype = torch.float32, **kwargs) -> EagleModule:
     methods = [Baseline(), SpeculativeSampling(3, drafter=EagleDrafter())]
     module = EagleModule(target=ModelSpec(name_or_path="tiny-llama"), methods=methods, max_new_tokens=16,
                          head_path=str(tmp_path / "head"), learning_rate=3e-3, **kwargs)
-    target = build_tiny_llama(seed=0)
-    info = {"name": "tiny-llama", "dtype": "float32", "revision": None}
+    target = build_tiny_llama(seed=0).to(dtype)
+    info = {"name": "tiny-llama", "dtype": str(dtype).removeprefix("torch."), "revision": None}
     module.pair = ModelPair(LoadedModel(target, build_char_tokenizer(), ModelSpec(name_or_path="tiny-llama"), info))
     return module
 
@@ -90,6 +91,34 @@ def test_second_fit_reuses_the_store(tmp_path, monkeypatch):
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bf16_target_trains_float32_master_weights_and_drafts_in_bf16(tmp_path):
+    """A bf16 target (the GPU presets): the head trains in float32 (AdamW steps would vanish in bf16), is saved
+    so, and the drafter runs it in the target's dtype; greedy output still equals the target's own."""
+    L.seed_everything(0, verbose=False)
+    module, data = tiny_module(tmp_path, dtype=torch.bfloat16, top_tokens=96), tiny_data(tmp_path)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    initial = None
+
+    class Watch(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            nonlocal initial
+            initial = pl_module.head.fc.weight.detach().clone()
+
+    trainer.callbacks.append(Watch())
+    trainer.fit(module, datamodule=data)
+    assert {p.dtype for p in module.head.parameters()} == {torch.float32}
+    assert not torch.equal(module.head.fc.weight.detach(), initial)  # it trained
+    method = module.methods[1]
+    method.prepare(module.pair.target.info, None)
+    target = module.pair.target.model
+    prompt = encode_messages(build_char_tokenizer(), [{"role": "user", "content": QUESTIONS[3]}], True)
+    expected = Baseline().generate(target, None, prompt, 16, SamplingConfig(), {2}).tokens
+    assert method.generate(target, None, prompt, 16, SamplingConfig(), {2}).tokens == expected
+    assert method.drafter.head.fc.weight.dtype == torch.bfloat16
 
 
 def test_bad_parameters_are_named(tmp_path):

@@ -593,7 +593,7 @@ def in_val_split(item_id: str, val_fraction: float) -> bool:
 
 class FeatureDataset(torch.utils.data.Dataset):
     """Whole sequences of a feature store: ``{"input_ids": (T,) long, "features": (T, H) float32,
-    "loss_mask": (T,) bool}``, in item-id order, split into train/val by item-id hash."""
+    "loss_mask": (T,) bool, "item_index": int}``, in item-id order, split into train/val by item-id hash."""
 
     def __init__(
         self, root: str | Path, split: str = "train", val_fraction: float = 0.05, max_length: int | None = None
@@ -634,12 +634,14 @@ class FeatureDataset(torch.utils.data.Dataset):
                 "input_ids": shard.get_slice("input_ids")[start:end].long(),  # (T,)
                 "features": shard.get_slice("features")[start:end].float(),  # (T, H)
                 "loss_mask": loss_mask,
+                "item_index": index,  # lets a data-parallel validation count a padded-in repeat once
             }
 
 
 def collate_sequences(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Right-pad sequences to the longest: input_ids (B, T) long, features (B, T, H) float32, loss_mask (B, T)
-    bool (False on padding), attention_mask (B, T) bool (True on real positions)."""
+    bool (False on padding), attention_mask (B, T) bool (True on real positions), item_index (B,) long (-1 when
+    an item has none)."""
     lengths = [len(item["input_ids"]) for item in batch]
     width, hidden = max(lengths), batch[0]["features"].shape[-1]
     out = {
@@ -647,6 +649,7 @@ def collate_sequences(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, tor
         "features": torch.zeros((len(batch), width, hidden), dtype=torch.float32),
         "loss_mask": torch.zeros((len(batch), width), dtype=torch.bool),
         "attention_mask": torch.zeros((len(batch), width), dtype=torch.bool),
+        "item_index": torch.tensor([int(item.get("item_index", -1)) for item in batch], dtype=torch.long),
     }
     for row, (item, length) in enumerate(zip(batch, lengths)):
         out["input_ids"][row, :length] = item["input_ids"]

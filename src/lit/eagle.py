@@ -38,6 +38,7 @@ from src.decoding.drafters import Drafter
 from src.decoding.eagle import EagleDrafter
 from src.errors import InvalidParameterError, UserInputError
 from src.lit.data import PromptDataModule
+from src.lit.distributed import gather_from_ranks
 from src.lit.module import DecodingModule
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class EagleDataModule(PromptDataModule):
         self_distill_path: prompts the target answers itself (greedy, batched) before the feature pass; their
             answers are the target's own text, the best match for what the head drafts at decoding time.
         self_distill_categories: keep only these categories of ``self_distill_path`` (default: all).
+        self_distill_split: the split of a ``hub:`` self_distill_path (e.g. ``train_sft`` for
+            HuggingFaceH4/ultrachat_200k); its rows' ``prompt`` field is the instruction.
         self_distill_prompts: how many of those prompts.
         self_distill_max_new_tokens: answer length when self-distilling.
         store_dir: the feature store (built once, resumed when a run was killed; delete it to build again).
@@ -70,6 +73,7 @@ class EagleDataModule(PromptDataModule):
         train_limit: int | None = None,
         self_distill_path: str | None = None,
         self_distill_categories: list[str] | None = None,
+        self_distill_split: str = "train",
         self_distill_prompts: int = 0,
         self_distill_max_new_tokens: int = 256,
         store_dir: str = "artifacts/eagle/features",
@@ -94,6 +98,7 @@ class EagleDataModule(PromptDataModule):
         self.train_limit = train_limit
         self.self_distill_path = self_distill_path
         self.self_distill_categories = list(self_distill_categories) if self_distill_categories else None
+        self.self_distill_split = self_distill_split
         self.self_distill_prompts = self_distill_prompts
         self.self_distill_max_new_tokens = self_distill_max_new_tokens
         self.store_dir = store_dir
@@ -111,6 +116,7 @@ class EagleDataModule(PromptDataModule):
             "target": module.pair.target.info, "train_sources": self.train_sources, "train_limit": self.train_limit,
             "self_distill_path": self.self_distill_path, "self_distill_categories": self.self_distill_categories,
             "self_distill_prompts": self.self_distill_prompts,
+            **({"self_distill_split": self.self_distill_split} if str(self.self_distill_path).startswith("hub:") else {}),
             "self_distill_max_new_tokens": self.self_distill_max_new_tokens, "max_length": self.max_length,
             "feature_dtype": "bfloat16",
         }
@@ -122,7 +128,7 @@ class EagleDataModule(PromptDataModule):
         items = [item for path in self.train_sources for item in features.read_conversations(path, self.train_limit)]
         if self.self_distill_path and self.self_distill_prompts:
             source = PromptDataModule(path=self.self_distill_path, categories=self.self_distill_categories,
-                                      limit=self.self_distill_prompts, seed=self.seed,
+                                      split=self.self_distill_split, limit=self.self_distill_prompts, seed=self.seed,
                                       chat_template=self.chat_template, shuffle=True)
             prompts = [(f"self:{p.prompt_id}", p.turns[0]) for p in source.load_prompts()]
             items += features.generate_answers(
@@ -252,7 +258,7 @@ class EagleModule(DecodingModule):
         self.head = None
         self.best: dict[str, Any] | None = None
         self.val_history: list[dict[str, float]] = []  # every validation's figures, the sanity check's included
-        self._val_sums: torch.Tensor | None = None
+        self._val_rows: dict[Any, torch.Tensor] = {}  # this validation's counts per conversation
 
     # ---- fit ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -274,7 +280,9 @@ class EagleModule(DecodingModule):
             ids = None
             if self.top_tokens is not None:
                 ids = data.token_counts(vocab).argsort(descending=True, stable=True)[: self.top_tokens].sort().values
-            self.head = EagleHead(target.config, top_token_ids=ids).to(target.get_input_embeddings().weight.dtype)
+            # float32 master weights also for a bf16/fp16 target (AdamW steps vanish in bf16); the trainer's
+            # precision (bf16-mixed on a GPU) sets the compute dtype, and the drafter casts to the target's at load
+            self.head = EagleHead(target.config, top_token_ids=ids).float()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.head.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
@@ -298,7 +306,7 @@ class EagleModule(DecodingModule):
                 break
             n = T - j
             with torch.no_grad():
-                embedded = embed(ids[:, j : j + n])  # x_{t+j}: (B, n, H)
+                embedded = embed(ids[:, j : j + n]).to(features.dtype)  # x_{t+j}: (B, n, H)
             predicted = self.head(inputs[:, :n], embedded)  # f̂_{t+j}: (B, n, H)
             out.append({"predicted": predicted, "target": features[:, j : j + n], "mask": mask[:, j : j + n],
                         "ids": ids, "j": j})
@@ -328,46 +336,56 @@ class EagleModule(DecodingModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        """Counts per step j: positions where steps 1..j all agree with the target's greedy token (and the data's
-        tokens follow the target, so the chain's inputs are what the drafts would be), and positions scored."""
+        """Counts per conversation and step j: chain starts t where steps 1..j all agree with the target's greedy
+        token (and the data's tokens follow the target, so the chain's inputs are what the drafts would be), and
+        the chain starts scored (index 0). A start t is scored when x_{t+1} is in the answer and all ``eval_steps``
+        steps lie inside the conversation, whatever the batch's padding, so the figures do not depend on batching
+        and a data-parallel run's match one process's."""
         _, weight, bias = self._frozen()
         ids = batch["input_ids"]
         mask = batch["loss_mask"] & batch["attention_mask"]  # (B, T)
         passes = self.passes(batch, self.eval_steps)
         B, T = ids.shape
-        n = T - 1 - self.eval_steps  # chain starts t with every step inside the sequence
-        sums = torch.zeros(self.eval_steps + 1, dtype=torch.float64)
+        n = T - 1 - self.eval_steps  # chain starts t with every step inside the padded batch
         if n < 1 or len(passes) < self.eval_steps:
             return
         vocab_ids = self.head.vocab_ids()
-        valid = mask[:, 1 : 1 + n].clone()  # the first predicted position is inside the answer
+        lengths = batch["attention_mask"].sum(1, keepdim=True)  # (B, 1)
+        starts = torch.arange(n, device=ids.device)[None, :]  # (1, n)
+        valid = mask[:, 1 : 1 + n] & (starts < lengths - 1 - self.eval_steps)  # (B, n)
         chain = torch.ones_like(valid)
-        sums[0] += float(valid.sum())
+        counts = torch.zeros(B, self.eval_steps + 1, dtype=torch.float64)  # (B, 1 + eval_steps)
+        counts[:, 0] = valid.sum(1).double().cpu()
+        previous_choice = None  # g_{t+j-1}, the target's choice one step earlier
         for one in passes:
             j = one["j"]
             target_choice = self.head_choice(one["target"][:, :n], weight, bias, vocab_ids, full=True)  # g_{t+j}
             head_choice = self.head_choice(one["predicted"][:, :n], weight, bias, vocab_ids)  # y_j at t
             agree = head_choice == target_choice
             if j > 1:  # the chain's input token x_{t+j} must be the target's greedy choice g_{t+j-1}
-                agree &= ids[:, j : j + n] == self._previous_choice
-            self._previous_choice = target_choice
+                agree &= ids[:, j : j + n] == previous_choice
+            previous_choice = target_choice
             chain &= agree & mask[:, j : j + n]
-            sums[j] += float((chain & valid).sum())
-        self._val_sums = sums if self._val_sums is None else self._val_sums + sums
+            counts[:, j] = (chain & valid).sum(1).double().cpu()
+        for index, row in zip(batch["item_index"].tolist(), counts):
+            key = index if index >= 0 else (self.global_rank, batch_idx, len(self._val_rows))  # no index: never merged
+            self._val_rows[key] = row
 
     def head_choice(self, features, weight, bias, vocab_ids, full: bool = False) -> torch.Tensor:
         """argmax token of lm_head(features): over every id (the target's choice) or over the head's subset."""
         if full:  # over the whole vocabulary, a few hundred positions at a time (B x T x V floats is GBs)
             flat = features.reshape(-1, features.shape[-1])
-            choice = torch.cat([F.linear(part, weight, bias).argmax(-1) for part in flat.split(512)])
+            choice = torch.cat([F.linear(part.to(weight.dtype), weight, bias).argmax(-1) for part in flat.split(512)])
             return choice.reshape(features.shape[:-1])
         choice = self.head.logits(features, weight, bias).argmax(-1)
         return vocab_ids.to(choice.device)[choice] if vocab_ids is not None else choice
 
     def on_validation_epoch_end(self) -> None:
-        sums = self._val_sums if self._val_sums is not None else torch.zeros(self.eval_steps + 1, dtype=torch.float64)
-        self._val_sums = None
-        sums = self.all_gather(sums).reshape(-1, self.eval_steps + 1).sum(0) if self.trainer.world_size > 1 else sums
+        rows: dict[Any, torch.Tensor] = {}
+        for part in gather_from_ranks(self._val_rows):  # a conversation a padded sampler repeated counts once
+            rows.update(part)
+        self._val_rows = {}
+        sums = torch.stack(list(rows.values())).sum(0) if rows else torch.zeros(self.eval_steps + 1, dtype=torch.float64)
         positions = float(sums[0])
         values: dict[str, float] = {"val_positions": positions}
         for j in range(1, self.eval_steps + 1):  # agreement at step j given steps < j agreed
