@@ -121,6 +121,29 @@ def test_bf16_target_trains_float32_master_weights_and_drafts_in_bf16(tmp_path):
     assert method.drafter.head.fc.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_killed_fit_resumes_from_the_last_checkpoint_and_keeps_the_best_epoch(tmp_path):
+    """configs/eagle-long.yaml saves a checkpoint every epoch; ``--ckpt_path last`` goes on from it with the best
+    epoch so far and the validation history, so the export is the best epoch of the whole run."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def trainer(epochs: int) -> L.Trainer:
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
+        return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, callbacks=[checkpoints],
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+
+    L.seed_everything(0, verbose=False)
+    first = tiny_module(tmp_path, top_tokens=96)
+    trainer(1).fit(first, datamodule=tiny_data(tmp_path))  # "killed" after one epoch
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    resumed = tiny_module(tmp_path, top_tokens=96)
+    trainer(3).fit(resumed, datamodule=tiny_data(tmp_path), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert len(resumed.val_history) == 3 and json.dumps(resumed.val_history[0]) == json.dumps(first.val_history[0])
+    best = max(resumed.val_history, key=lambda values: values["val_accepted_length"])
+    exported = json.loads((tmp_path / "head.json").read_text())["metadata"]["metrics"]
+    assert exported["val_accepted_length"] == best["val_accepted_length"]
+
+
 def test_bad_parameters_are_named(tmp_path):
     with pytest.raises(InvalidParameterError, match="unroll_steps=0"):
         EagleModule(unroll_steps=0)

@@ -401,9 +401,22 @@ class EagleModule(DecodingModule):
             self.best = {"state": copy.deepcopy(self.head.state_dict()),
                          "metrics": values | {"epoch": self.current_epoch}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The best epoch's head and every validation's figures travel with a checkpoint, so a fit resumed with
+        ``--ckpt_path last`` (configs/eagle-long.yaml) still exports the best epoch of the whole run."""
+        checkpoint["eagle"] = {"best": self.best, "val_history": self.val_history}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("eagle") or {}
+        self.best = state.get("best")
+        self.val_history = list(state.get("val_history") or [])
+
     def on_fit_end(self) -> None:
         """Export the head of the best validation epoch."""
-        if self.best is None or not self.trainer.is_global_zero:
+        if not self.trainer.is_global_zero:
+            return
+        if self.best is None:  # e.g. --trainer.max_epochs 0: only the features were built
+            print(f"no training epoch ran: nothing exported to {self.head_path}")
             return
         self.head.load_state_dict(self.best["state"])
         data = self.trainer.datamodule
