@@ -60,11 +60,13 @@ class EagleDataModule(PromptDataModule):
         self_distill_max_new_tokens: answer length when self-distilling.
         store_dir: the feature store (built once, resumed when a run was killed; delete it to build again).
         max_length: tokens per conversation at most.
-        feature_batch_size: conversations per target forward while building features.
+        feature_batch_size: conversations per batched generation / target forward while building features
+            (self-distillation on 2 CPU cores: 111 answer tok/s at 16, 159 at 48).
         token_budget: stop building after this many tokens (default: all sources).
         time_budget_s: stop building after this many seconds (rerun to go on).
         val_fraction: share of conversations held out for validation (split by conversation).
-        batch_size: sequences per training batch.
+        batch_size: sequences per training batch (small batches pad less and take more steps: on the default
+            CPU data 2 beat 8 in validation agreement, 0.395 vs 0.379, and in time, 6.2 vs 8 min for 3 epochs).
     """
 
     def __init__(
