@@ -23,6 +23,21 @@ def gather_from_ranks(value: Any) -> list[Any]:
     return gathered
 
 
+def gather_unique(keys: Any, *values: Any) -> tuple[Any, ...]:
+    """``values`` (tensors whose first dimension matches ``keys``, a 1-D tensor) of every rank, each key once
+    (its first occurrence) in key order: a distributed sampler pads its shards with repeats of some rows."""
+    import torch
+
+    parts = gather_from_ranks((keys, *values))
+    all_keys, *all_values = (torch.cat([part[i] for part in parts]) for i in range(len(values) + 1))
+    order = torch.argsort(all_keys, stable=True)
+    sorted_keys = all_keys[order]
+    first = torch.ones_like(sorted_keys, dtype=torch.bool)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]  # a repeat follows its original: keep the first
+    keep = order[first]
+    return tuple(value[keep] for value in all_values)
+
+
 def release_process_group() -> None:
     """End a data-parallel run cleanly: every rank waits for the others, then the process group is destroyed.
 

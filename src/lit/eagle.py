@@ -38,7 +38,7 @@ from src.decoding.drafters import Drafter
 from src.decoding.eagle import EagleDrafter
 from src.errors import InvalidParameterError, UserInputError
 from src.lit.data import PromptDataModule
-from src.lit.distributed import gather_from_ranks
+from src.lit.distributed import gather_unique
 from src.lit.module import DecodingModule
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class EagleDataModule(PromptDataModule):
             "target": module.pair.target.info, "train_sources": self.train_sources, "train_limit": self.train_limit,
             "self_distill_path": self.self_distill_path, "self_distill_categories": self.self_distill_categories,
             "self_distill_prompts": self.self_distill_prompts,
+            # only hub sources have splits; leaving it out elsewhere keeps stores built before the option valid
             **({"self_distill_split": self.self_distill_split} if str(self.self_distill_path).startswith("hub:") else {}),
             "self_distill_max_new_tokens": self.self_distill_max_new_tokens, "max_length": self.max_length,
             "feature_dtype": "bfloat16",
@@ -260,7 +261,8 @@ class EagleModule(DecodingModule):
         self.head = None
         self.best: dict[str, Any] | None = None
         self.val_history: list[dict[str, float]] = []  # every validation's figures, the sanity check's included
-        self._val_rows: dict[Any, torch.Tensor] = {}  # this validation's counts per conversation
+        self._val_keys: list[torch.Tensor] = []  # this validation's conversations (item_index), per batch
+        self._val_counts: list[torch.Tensor] = []  # and their counts (B, 1 + eval_steps)
 
     # ---- fit ------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -369,9 +371,12 @@ class EagleModule(DecodingModule):
             previous_choice = target_choice
             chain &= agree & mask[:, j : j + n]
             counts[:, j] = (chain & valid).sum(1).double().cpu()
-        for index, row in zip(batch["item_index"].tolist(), counts):
-            key = index if index >= 0 else (self.global_rank, batch_idx, len(self._val_rows))  # no index: never merged
-            self._val_rows[key] = row
+        keys = batch["item_index"].cpu()  # (B,)
+        if bool((keys < 0).any()):
+            raise InvalidParameterError("validation batches need item_index per conversation: serve them from "
+                                        "src.data.features.FeatureDataset")
+        self._val_keys.append(keys)
+        self._val_counts.append(counts)
 
     def head_choice(self, features, weight, bias, vocab_ids, full: bool = False) -> torch.Tensor:
         """argmax token of lm_head(features): over every id (the target's choice) or over the head's subset."""
@@ -383,11 +388,11 @@ class EagleModule(DecodingModule):
         return vocab_ids.to(choice.device)[choice] if vocab_ids is not None else choice
 
     def on_validation_epoch_end(self) -> None:
-        rows: dict[Any, torch.Tensor] = {}
-        for part in gather_from_ranks(self._val_rows):  # a conversation a padded sampler repeated counts once
-            rows.update(part)
-        self._val_rows = {}
-        sums = torch.stack(list(rows.values())).sum(0) if rows else torch.zeros(self.eval_steps + 1, dtype=torch.float64)
+        keys = torch.cat(self._val_keys) if self._val_keys else torch.empty(0, dtype=torch.long)
+        counts = torch.cat(self._val_counts) if self._val_counts else torch.zeros(0, self.eval_steps + 1, dtype=torch.float64)
+        self._val_keys, self._val_counts = [], []
+        (counts,) = gather_unique(keys, counts)  # every rank's conversations, a padded-in repeat once
+        sums = counts.sum(0)  # (1 + eval_steps,)
         positions = float(sums[0])
         values: dict[str, float] = {"val_positions": positions}
         for j in range(1, self.eval_steps + 1):  # agreement at step j given steps < j agreed

@@ -30,7 +30,7 @@ from src.data.mining import LabelSet, LabelStore, mine_prompts
 from src.decoding.autojudge import AutoJudge
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
 from src.lit.data import PromptDataModule
-from src.lit.distributed import gather_from_ranks
+from src.lit.distributed import gather_unique
 from src.lit.module import DecodingModule
 from src.models.judge import FeatureLayout, HeadType, Judge, JudgeHead, select_threshold
 from src.models.judge_eval import evaluate_judges
@@ -293,15 +293,8 @@ def gather_validation_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, labels) of every validation row once, in row order, from this rank's batches and (under DDP)
     every other rank's: the distributed sampler splits the rows and pads the shards with repeats."""
-    local = tuple(torch.cat(held) if held else torch.empty(0) for held in (scores, labels, rows))
-    parts = gather_from_ranks(local)
-    all_scores, all_labels, all_rows = (torch.cat([part[i] for part in parts]) for i in range(3))
-    order = torch.argsort(all_rows, stable=True)
-    all_rows = all_rows[order]
-    first = torch.ones_like(all_rows, dtype=torch.bool)
-    first[1:] = all_rows[1:] != all_rows[:-1]  # a padded repeat follows its original: keep the first
-    keep = order[first]
-    return all_scores[keep], all_labels[keep]
+    local = [torch.cat(held) if held else torch.empty(0) for held in (rows, scores, labels)]
+    return gather_unique(*local)
 
 
 def _progress(total: int, description: str):
