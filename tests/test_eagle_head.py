@@ -32,7 +32,8 @@ from src.errors import (
     MissingInputError,
     UserInputError,
 )
-from src.models.eagle import EagleHead, causal_mask, load_eagle_checkpoint, load_head
+from src.models.eagle import EagleHead, causal_mask, load_eagle_checkpoint
+from src.models.eagle_formats import load_head
 
 B, T, H, V = 2, 5, 64, 128
 

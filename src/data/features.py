@@ -20,7 +20,9 @@ Store layout (``root``)::
     answers.jsonl              self-distilled answers, one row per prompt (with the generation settings)
     shards/000000.safetensors  one per batch of B items, N tokens in all:
                                  input_ids (N,) int32, features (N, H) in the store dtype,
-                                 loss_mask (N,) uint8, offsets (B + 1,) int64 (item i: offsets[i]:offsets[i+1])
+                                 loss_mask (N,) uint8, offsets (B + 1,) int64 (item i: offsets[i]:offsets[i+1]),
+                                 aux_features (N, 3H): only in an EAGLE-3 store (meta ``aux_layers``), the
+                                 inputs of those target layers, side by side
     items.jsonl                one row per finished item: item_id, shard, index (in offsets), tokens,
                                answer_tokens, truncated
 
@@ -29,7 +31,8 @@ Resume rule: an item is finished when, and only when, ``items.jsonl`` has its ro
 shard without rows (a run killed in between) is ignored, and the next batch overwrites it (shards are numbered
 after the highest one a row names). Running :func:`build_features` again on the same store mines only the
 items without a row; ``answers.jsonl`` does the same for :func:`generate_answers`. A store made with other
-settings (``meta.json``) is refused.
+settings (``meta.json``) is refused; a store with ``aux_layers`` (EAGLE-3) also serves an EAGLE-1/2 fit that
+asks for none (it reads ``features`` only), so both recipes train on the same data.
 
 ``loss_mask[t] = 1`` when token t and token t + 1 both lie in the answer region: the last (assistant)
 message's tokens, from its first token through the end-of-turn (EOS) token the chat template puts after it
@@ -53,7 +56,7 @@ from typing import Any, NamedTuple
 import torch
 
 from src.data.mining import read_jsonl_rows
-from src.decoding.base import input_device
+from src.decoding.base import input_device, layer_features
 from src.errors import IncompatibleModelsError, InvalidParameterError, MalformedInputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -323,9 +326,11 @@ def feature_meta(
     feature_dtype: str = "bfloat16",
     max_length: int = 1024,
     sources: Sequence[str] = (),
+    aux_layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """A ``meta.json`` for a store: what its features depend on (``target_identity``: e.g. ``ModelSpec.identity()``).
-    Any dict works as meta; the store reads ``feature_dtype`` (default bfloat16) and ``max_length`` from it."""
+    Any dict works as meta; the store reads ``feature_dtype`` (default bfloat16), ``max_length`` and ``aux_layers``
+    (EAGLE-3 stores only) from it."""
     template = getattr(tokenizer, "chat_template", None)
     return {
         "kind": "eagle_features",
@@ -334,6 +339,7 @@ def feature_meta(
         "max_length": int(max_length),
         "sources": [str(s) for s in sources],
         "chat_template_sha": hashlib.sha256(template.encode()).hexdigest()[:16] if isinstance(template, str) else None,
+        **({"aux_layers": [int(i) for i in aux_layers]} if aux_layers is not None else {}),
     }
 
 
@@ -367,6 +373,8 @@ class FeatureStore:
             self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
             return
         existing = json.loads(self.meta_path.read_text())
+        if "aux_layers" not in meta and "aux_layers" in existing:  # an EAGLE-3 store serves EAGLE-1/2 as well
+            meta["aux_layers"] = existing["aux_layers"]
         if existing != meta:
             differing = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
             raise IncompatibleModelsError(
@@ -380,6 +388,11 @@ class FeatureStore:
     def dtype(self) -> torch.dtype:
         return FEATURE_DTYPES[self.meta().get("feature_dtype", "bfloat16")]
 
+    def aux_layers(self) -> tuple[int, ...] | None:
+        """The target layers whose inputs the store keeps as ``aux_features`` (EAGLE-3), or None."""
+        layers = self.meta().get("aux_layers")
+        return tuple(int(i) for i in layers) if layers is not None else None
+
     def finished_items(self) -> dict[str, dict[str, Any]]:
         """item id -> its row in ``items.jsonl`` (the last row wins)."""
         return {row["item_id"]: row for row in _read_jsonl(self.items_path)}
@@ -388,7 +401,7 @@ class FeatureStore:
         """Write one batch: its shard first, then one row per item (which marks it finished). Returns the shard."""
         index = self._shard_index()
         shard = f"shards/{index:06d}.safetensors"
-        self._write_shard(shard, _pack(items, features, self.dtype()))
+        self._write_shard(shard, _pack(items, features, self.dtype(), self.aux_layers() is not None))
         self._write_rows([
             {"item_id": item.item_id, "shard": shard, "index": i, "tokens": len(item.input_ids),
              "answer_tokens": int(sum(item.loss_mask)), "truncated": item.truncated}
@@ -434,17 +447,25 @@ class FeatureStore:
         _append_jsonl(self.answers_path, rows)
 
 
-def _pack(items: Sequence[EncodedItem], features: Sequence[torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The shard tensors of one batch (module docstring)."""
+def _pack(
+    items: Sequence[EncodedItem], features: Sequence[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype, with_aux: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The shard tensors of one batch (module docstring); ``features``: (T_i, H) per item, or (final (T_i, H),
+    aux (T_i, 3H)) pairs in an EAGLE-3 store."""
     lengths = [len(item.input_ids) for item in items]
-    if [f.shape[0] for f in features] != lengths:
-        raise ValueError(f"features of lengths {[f.shape[0] for f in features]} for items of lengths {lengths}")
-    return {
+    finals = [f[0] if with_aux else f for f in features]
+    if [f.shape[0] for f in finals] != lengths:
+        raise ValueError(f"features of lengths {[f.shape[0] for f in finals]} for items of lengths {lengths}")
+    packed = {
         "input_ids": torch.tensor([t for item in items for t in item.input_ids], dtype=torch.int32),  # (N,)
-        "features": torch.cat([f.to(dtype) for f in features]).contiguous(),  # (N, H)
+        "features": torch.cat([f.to(dtype) for f in finals]).contiguous(),  # (N, H)
         "loss_mask": torch.tensor([m for item in items for m in item.loss_mask], dtype=torch.uint8),  # (N,)
         "offsets": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64),  # (B + 1,)
     }
+    if with_aux:
+        packed["aux_features"] = torch.cat([f[1].to(dtype) for f in features]).contiguous()  # (N, 3H)
+    return packed
 
 
 def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -486,15 +507,23 @@ def encode_conversation(
 
 
 @torch.inference_mode()
-def target_features(target, batch: Sequence[EncodedItem], dtype: torch.dtype) -> list[torch.Tensor]:
+def target_features(
+    target, batch: Sequence[EncodedItem], dtype: torch.dtype, aux_layers: Sequence[int] | None = None
+) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
     """Post-norm last hidden states (T_i, H) of each item, on the CPU in ``dtype``: one right-padded forward of
-    the decoder alone (the lm_head is not needed and costs ~20% of the compute)."""
+    the decoder alone (the lm_head is not needed and costs ~20% of the compute). With ``aux_layers`` (EAGLE-3),
+    (final (T_i, H), aux (T_i, 3H)) pairs from the same forward (:func:`src.decoding.base.layer_features`)."""
     device = input_device(target)
     input_ids, attention_mask = _pad([item.input_ids for item in batch], 0, left=False)  # (B, T), (B, T)
     decoder = target.get_decoder()
-    hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                     use_cache=False).last_hidden_state  # (B, T, H)
-    return [hidden[row, : len(item.input_ids)].to(dtype).cpu() for row, item in enumerate(batch)]
+    out = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                  output_hidden_states=aux_layers is not None)
+    hidden = out.last_hidden_state  # (B, T, H)
+    if aux_layers is None:
+        return [hidden[row, : len(item.input_ids)].to(dtype).cpu() for row, item in enumerate(batch)]
+    aux = layer_features(out.hidden_states, tuple(aux_layers))  # (B, T, 3H)
+    return [(hidden[row, : len(item.input_ids)].to(dtype).cpu(), aux[row, : len(item.input_ids)].to(dtype).cpu())
+            for row, item in enumerate(batch)]
 
 
 def build_features(
@@ -534,7 +563,7 @@ def build_features(
         if stats["stopped"]:
             break
         batch = items[first : first + batch_size]
-        store.add_batch(batch, target_features(target, batch, store.dtype()))
+        store.add_batch(batch, target_features(target, batch, store.dtype(), store.aux_layers()))
         _count_batch(stats, batch, time.perf_counter() - started)
         if progress is not None:
             progress(dict(stats))
@@ -596,12 +625,13 @@ class FeatureDataset(torch.utils.data.Dataset):
     "loss_mask": (T,) bool, "item_index": int}``, in item-id order, split into train/val by item-id hash."""
 
     def __init__(
-        self, root: str | Path, split: str = "train", val_fraction: float = 0.05, max_length: int | None = None
+        self, root: str | Path, split: str = "train", val_fraction: float = 0.05, max_length: int | None = None,
+        with_aux: bool = False,
     ) -> None:
         if split not in ("train", "val") or not 0 <= val_fraction < 1 or (max_length is not None and max_length < 2):
             raise InvalidParameterError(f"split={split!r}, val_fraction={val_fraction}, max_length={max_length}: "
                                         "use split 'train' or 'val', 0 <= val_fraction < 1, max_length >= 2")
-        self.root, self.max_length = Path(root), max_length
+        self.root, self.max_length, self.with_aux = Path(root), max_length, with_aux
         rows = FeatureStore(root).finished_items()
         if not rows:
             raise MissingInputError(f"feature store {self.root} has no finished items: mine some with "
@@ -615,6 +645,17 @@ class FeatureDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def token_ids(self) -> Iterator[torch.Tensor]:
+        """The input ids (T,) of every item, without reading its features."""
+        from safetensors import safe_open
+
+        for row in self.rows:
+            with safe_open(str(self.root / row["shard"]), framework="pt") as shard:
+                start, end = shard.get_slice("offsets")[row["index"] : row["index"] + 2].tolist()
+                if self.max_length is not None:
+                    end = min(end, start + self.max_length)
+                yield shard.get_slice("input_ids")[start:end].long()
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -630,12 +671,15 @@ class FeatureDataset(torch.utils.data.Dataset):
                 end = min(end, start + self.max_length)
             loss_mask = shard.get_slice("loss_mask")[start:end].bool()  # (T,)
             loss_mask[-1] = False  # position t needs f_{t+1}, which a cut sequence may lack
-            return {
+            item = {
                 "input_ids": shard.get_slice("input_ids")[start:end].long(),  # (T,)
                 "features": shard.get_slice("features")[start:end].float(),  # (T, H)
                 "loss_mask": loss_mask,
                 "item_index": index,  # lets a data-parallel validation count a padded-in repeat once
             }
+            if self.with_aux:
+                item["aux_features"] = shard.get_slice("aux_features")[start:end].float()  # (T, 3H)
+            return item
 
 
 def collate_sequences(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -651,6 +695,10 @@ def collate_sequences(batch: Sequence[dict[str, torch.Tensor]]) -> dict[str, tor
         "attention_mask": torch.zeros((len(batch), width), dtype=torch.bool),
         "item_index": torch.tensor([int(item.get("item_index", -1)) for item in batch], dtype=torch.long),
     }
+    if "aux_features" in batch[0]:  # an EAGLE-3 store: (B, T, 3H) float32
+        out["aux_features"] = torch.zeros((len(batch), width, batch[0]["aux_features"].shape[-1]))
+        for row, (item, length) in enumerate(zip(batch, lengths)):
+            out["aux_features"][row, :length] = item["aux_features"]
     for row, (item, length) in enumerate(zip(batch, lengths)):
         out["input_ids"][row, :length] = item["input_ids"]
         out["features"][row, :length] = item["features"]

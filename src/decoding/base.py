@@ -87,13 +87,28 @@ def model_logits_and_hidden(
     position_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     logits_to_keep: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    feature_layers: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like :func:`model_logits`, plus the final-layer hidden states after the final norm: (1, n, vocab), (1, n, H).
 
-    transformers returns the post-norm states as the last entry of ``hidden_states`` (the lm_head input).
+    transformers returns the post-norm states as the last entry of ``hidden_states`` (the lm_head input). With
+    ``feature_layers`` (target layer ids, EAGLE-3's aux layers) a third tensor (1, n, len(layers) * H) follows:
+    :func:`layer_features` of the same forward (no second pass).
     """
     out = _forward(model, input_ids, cache, position_ids, attention_mask, logits_to_keep, output_hidden_states=True)
-    return out.logits, out.hidden_states[-1]
+    if feature_layers is None:
+        return out.logits, out.hidden_states[-1]
+    return out.logits, out.hidden_states[-1], layer_features(out.hidden_states, feature_layers)
+
+
+def layer_features(hidden_states: tuple[torch.Tensor, ...], layers: tuple[int, ...]) -> torch.Tensor:
+    """cat(hidden_states[i] for i in layers) (B, n, len(layers) * H): entry i of transformers' ``hidden_states`` is
+    the *input* of decoder layer i (0: the embeddings), the convention of EAGLE-3's aux layer ids (the EAGLE
+    repository and vLLM record the residual stream as layer i starts)."""
+    last = len(hidden_states) - 2  # entries 0 .. L - 1 are layer inputs; the last one is the final-norm output
+    if any(i < 0 or i > last for i in layers):
+        raise InvalidParameterError(f"feature layers {list(layers)} must lie in [0, {last}] for a {last + 1}-layer model")
+    return torch.cat([hidden_states[i] for i in layers], dim=-1)
 
 
 def _forward(model, input_ids, cache, position_ids, attention_mask, logits_to_keep, **extra):

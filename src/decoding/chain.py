@@ -33,7 +33,8 @@ from src.decoding.timing import drafting
 class Verified:
     """The target's view of a proposal: ``logits`` (n + 1, vocab) after the last committed token and after each
     drafted token; ``hidden`` (n + 1, H) the final-norm hidden states at those positions, and ``features``
-    (m + n, H) those of every position the forward read (the m unseen committed tokens first), when asked for."""
+    (m + n, H) those of every position the forward read (the m unseen committed tokens first), when asked for;
+    with ``feature_layers`` (an EAGLE-3 head's aux layers) ``features`` is (m + n, len(layers) * H) instead."""
 
     logits: torch.Tensor
     hidden: torch.Tensor | None = None
@@ -53,12 +54,19 @@ class Cycle:
 Rule = Callable[[Proposal, Verified], tuple[int, int]]
 
 
-def verify(target, cache, sequence: list[int], drafts: torch.Tensor, vocab: int, with_hidden: bool = False) -> Verified:
+def verify(
+    target, cache, sequence: list[int], drafts: torch.Tensor, vocab: int, with_hidden: bool = False,
+    feature_layers: tuple[int, ...] | None = None,
+) -> Verified:
     """Step 2: one target forward over the unseen committed tokens + the n drafts; keeps the last n + 1 rows."""
     device = input_device(target)
     unseen = torch.tensor([sequence[cache_length(cache) :]], device=device)  # (1, m >= 1)
     step_input = torch.cat([unseen, drafts.to(device)[None]], dim=1)  # (1, m + n)
     keep = drafts.numel() + 1
+    if feature_layers is not None:  # EAGLE-3: the aux layers' states of the same forward
+        logits, hidden, features = model_logits_and_hidden(target, step_input, cache, logits_to_keep=keep,
+                                                           feature_layers=feature_layers)
+        return Verified(logits[0, -keep:, :vocab], hidden[0, -keep:], features[0])  # ..., (m + n, 3H)
     if with_hidden:
         logits, hidden = model_logits_and_hidden(target, step_input, cache, logits_to_keep=keep)
         # (n + 1, vocab), (n + 1, H), (m + n, H)
@@ -97,7 +105,7 @@ def chain_cycle(
         proposal = drafter.propose(sequence, k, sampling, generator, stop_below)
     # Step 2: one target forward scores every drafted position (and encodes what it has not seen).
     with_hidden = with_hidden or drafter.needs_target_features
-    verified = verify(target, cache, sequence, proposal.tokens, vocab, with_hidden)
+    verified = verify(target, cache, sequence, proposal.tokens, vocab, with_hidden, drafter.feature_layers)
     # Step 3: the rule decides how many drafts stay and which token follows them.
     accepted, token = rule(proposal, verified)
     # Step 4: emit, stopping right after an EOS; cut the target cache and the drafter back to what was kept.

@@ -58,6 +58,9 @@ class Drafter(ABC):
     name: str = "drafter"
     needs_draft_model: bool = False
     needs_target_features: bool = False  # commit() then gets the target's features of the committed positions
+    # which features: None = the final-norm last hidden state (EAGLE-1/2); target layer ids = the concatenated
+    # inputs of those layers (EAGLE-3's aux layers). A drafter that reads them sets it by the end of begin().
+    feature_layers: tuple[int, ...] | None = None
 
     def params(self) -> dict[str, Any]:
         """Parameters that identify the drafter (go into records and resume keys)."""

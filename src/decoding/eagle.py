@@ -80,7 +80,7 @@ class EagleDrafter(Drafter):
             raise MissingInputError(f"head file {missing[0]} does not exist: {TRAIN_HINT}")
 
     def load(self, target) -> None:
-        from src.models.eagle import load_head
+        from src.models.eagle_formats import load_head
 
         if self.head_path is None:
             raise InvalidParameterError(
@@ -91,6 +91,7 @@ class EagleDrafter(Drafter):
             device=target.get_input_embeddings().weight.device, dtype=target.get_input_embeddings().weight.dtype
         ).eval()
         self.loaded_for = target
+        self.feature_layers = self.head.aux_layers  # EAGLE-3: the verifiers hand over these layers' states
 
     def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
         if target is None:
@@ -98,13 +99,13 @@ class EagleDrafter(Drafter):
         if self.head is None or getattr(self, "loaded_for", None) is not target:
             self.load(target)
         self.vocab, self.device = vocab, device
-        self.embed = target.get_input_embeddings()
+        self.embed = self.head.embedding(target)  # the target's, unless the head ships its own
         self.lm_head = target.get_output_embeddings()
         self.cache = new_cache()
         self.features: list[torch.Tensor] = []  # (m, H) blocks of exact target features, in position order
         self.known = 0  # F: positions with an exact feature
         self.exact_pairs = 0  # pairs in the head cache fed with exact features
-        ids = self.head.top_token_ids  # None: the head scores every id
+        ids = self.head.top_token_ids  # None: the head scores every id; EAGLE-3: its draft ids mapped by d2t
         self.ids = ids.to(device) if ids is not None else None
 
     def propose(self, sequence, k, sampling, generator, stop_below=0.0) -> Proposal:

@@ -365,8 +365,10 @@ class SpecExec(DecodingMethod):
             mask = verify_mask(tree, nodes, len(chain), cached).to(device)  # (1, 1, m + n, cached + m + n)
             positions_t = torch.tensor([positions], device=device)
         if with_hidden:
-            logits, hidden = model_logits_and_hidden(target, input_ids, cache, positions_t, mask, logits_to_keep=keep)
-            return logits[0, -keep:, :vocab], hidden[0]
+            layers = self.drafter.feature_layers  # EAGLE-3: its aux layers' states, from the same forward
+            out = model_logits_and_hidden(target, input_ids, cache, positions_t, mask, logits_to_keep=keep,
+                                          feature_layers=layers)
+            return out[0][0, -keep:, :vocab], out[-1][0]
         logits = model_logits(target, input_ids, cache, positions_t, mask, logits_to_keep=keep)
         return logits[0, -keep:, :vocab], None
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from src.errors import InvalidParameterError, UserInputError
 from src.lit.data import PromptDataModule
 from src.lit.distributed import gather_unique
 from src.lit.module import DecodingModule
+from src.models.eagle3 import default_aux_layers
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class EagleDataModule(PromptDataModule):
         val_fraction: share of conversations held out for validation (split by conversation).
         batch_size: sequences per training batch (small batches pad less and take more steps: on the default
             CPU data 2 beat 8 in validation agreement, 0.395 vs 0.379, and in time, 6.2 vs 8 min for 3 epochs).
+        aux_layers: also store the inputs of these target layers (EAGLE-3's low / middle / high states);
+            ``auto``: EAGLE-3's (2, L // 2, L - 3) of an L-layer target; None: the final features only (EAGLE-1/2).
+            An EAGLE-1/2 fit reads such a store too (same data for both recipes).
     """
 
     def __init__(
@@ -85,9 +89,16 @@ class EagleDataModule(PromptDataModule):
         time_budget_s: float | None = None,
         val_fraction: float = 0.05,
         batch_size: int = 8,
+        aux_layers: list[int] | Literal["auto"] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if aux_layers is not None and aux_layers != "auto" and (
+                not isinstance(aux_layers, list) or not aux_layers
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in aux_layers)):
+            raise InvalidParameterError(f"aux_layers={aux_layers!r} is invalid: use target layer ids, e.g. [2, 15, 27], "
+                                        "'auto' (EAGLE-3's), or null")
+        self.aux_layers = aux_layers
         if not 0.0 < val_fraction < 1.0:
             raise InvalidParameterError(f"val_fraction={val_fraction} is invalid: use a value in (0, 1), e.g. 0.05")
         if self_distill_prompts and not self_distill_path:
@@ -113,7 +124,19 @@ class EagleDataModule(PromptDataModule):
         self.train_set = self.val_set = None
 
     # ---- building the features ------------------------------------------------------------------------------
+    def resolved_aux_layers(self, module: DecodingModule) -> tuple[int, ...] | None:
+        """The aux layers this store keeps, ``auto`` resolved against the target's depth (refused beyond it)."""
+        if self.aux_layers is None:
+            return None
+        depth = module.pair.target.model.config.num_hidden_layers
+        layers = default_aux_layers(depth) if self.aux_layers == "auto" else tuple(self.aux_layers)
+        if max(layers) >= depth:
+            raise InvalidParameterError(f"aux_layers={list(layers)} reach beyond the target's {depth} layers (ids 0.."
+                                        f"{depth - 1}): use smaller ids, or 'auto'")
+        return layers
+
     def store_meta(self, module: DecodingModule) -> dict[str, Any]:
+        layers = self.resolved_aux_layers(module)
         return {
             "target": module.pair.target.info, "train_sources": self.train_sources, "train_limit": self.train_limit,
             "self_distill_path": self.self_distill_path, "self_distill_categories": self.self_distill_categories,
@@ -122,6 +145,8 @@ class EagleDataModule(PromptDataModule):
             **({"self_distill_split": self.self_distill_split} if str(self.self_distill_path).startswith("hub:") else {}),
             "self_distill_max_new_tokens": self.self_distill_max_new_tokens, "max_length": self.max_length,
             "feature_dtype": "bfloat16",
+            # only EAGLE-3 stores carry it: stores built before keep their meta (and an EAGLE-1 fit reads either)
+            **({"aux_layers": list(layers)} if layers is not None else {}),
         }
 
     def conversations(self, module: DecodingModule):
@@ -185,16 +210,16 @@ class EagleDataModule(PromptDataModule):
             return super().setup(stage)
         from src.data.features import FeatureDataset
 
-        self.train_set = FeatureDataset(self.store_dir, "train", self.val_fraction, self.max_length)
-        self.val_set = FeatureDataset(self.store_dir, "val", self.val_fraction, self.max_length)
+        with_aux = self.aux_layers is not None
+        self.train_set = FeatureDataset(self.store_dir, "train", self.val_fraction, self.max_length, with_aux)
+        self.val_set = FeatureDataset(self.store_dir, "val", self.val_fraction, self.max_length, with_aux)
         self.target_info = self.store.meta().get("target") if hasattr(self.store, "meta") else None
         log.info("EAGLE data: %d train / %d val conversations", len(self.train_set), len(self.val_set))
 
     def token_counts(self, vocab_size: int) -> torch.Tensor:
         """How often each id occurs in the training sequences (ranks the head's vocabulary subset)."""
         counts = torch.zeros(vocab_size, dtype=torch.long)
-        for item in self.train_set:
-            ids = item["input_ids"]
+        for ids in self.train_set.token_ids():
             counts += torch.bincount(ids[ids < vocab_size], minlength=vocab_size)
         return counts
 
@@ -395,8 +420,9 @@ class EagleModule(DecodingModule):
         sums = counts.sum(0)  # (1 + eval_steps,)
         positions = float(sums[0])
         values: dict[str, float] = {"val_positions": positions}
-        for j in range(1, self.eval_steps + 1):  # agreement at step j given steps < j agreed
+        for j in range(1, self.eval_steps + 1):  # agreement at step j given steps < j agreed, and unconditioned
             values[f"val_agree_step{j}"] = float(sums[j] / sums[j - 1]) if sums[j - 1] > 0 else float("nan")
+            values[f"val_chain_step{j}"] = float(sums[j] / positions) if positions else float("nan")
         values["val_accepted_length"] = float(sums[1:].sum() / positions) if positions else float("nan")
         self.log_dict(values, prog_bar=True)
         self.val_history.append(values)
@@ -430,6 +456,10 @@ class EagleModule(DecodingModule):
         metadata = {"target": self.pair.target.info, "training_data": data.store_meta(self),
                     "train_conversations": len(data.train_set), "val_conversations": len(data.val_set),
                     "metrics": self.best["metrics"], "unroll_steps": self.unroll_steps}
-        weights, meta = self.head.save(self.head_path, metadata)
+        written = self.export_head(metadata)
         shown = ", ".join(f"{k}={v:.3f}" for k, v in self.best["metrics"].items() if isinstance(v, float))
-        print(f"exported EAGLE head to {weights} and {meta} ({shown})")
+        print(f"exported EAGLE head to {' and '.join(str(p) for p in written)} ({shown})")
+
+    def export_head(self, metadata: dict[str, Any]) -> tuple:
+        """Write the head where ``head_path`` says (EAGLE-1/2: ``<path>.safetensors`` + ``<path>.json``)."""
+        return self.head.save(self.head_path, metadata)

@@ -55,6 +55,8 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention
 class EagleHead(nn.Module):
     """fc over [token embedding; feature] then one Llama decoder layer without its input norm (EAGLE-1)."""
 
+    aux_layers = None  # reads the target's final-norm last hidden state (EAGLE-3 heads read three layers)
+
     def __init__(self, config: Any, top_token_ids: torch.Tensor | None = None, fc_bias: bool = True):
         super().__init__()
         self.config = head_config(config)
@@ -119,6 +121,10 @@ class EagleHead(nn.Module):
         """predicted features (..., H) -> logits (..., N) over :meth:`vocab_ids` (N = len(top_token_ids), or V)."""
         weight, bias = self._head_rows(lm_head_weight, lm_head_bias)
         return F.linear(predicted_features.to(weight.dtype), weight, bias)
+
+    def embedding(self, target) -> nn.Module:
+        """The embedding the head reads tokens through: always the target's (frozen)."""
+        return target.get_input_embeddings()
 
     def vocab_ids(self) -> torch.Tensor:
         """The token ids (N,) that the columns of :meth:`logits` stand for, ascending."""
@@ -322,14 +328,6 @@ def _check_top_count(count: Any, top: torch.Tensor | None, vocab_size: int, weig
 
 
 # ---------------------------------------------------------------- files
-
-
-def load_head(path: str | Path, target_config: Any, target_identity: dict[str, Any] | None = None) -> EagleHead:
-    """A head from ``path``: a folder in the EAGLE repository's layout (:func:`load_eagle_checkpoint`; it
-    records no target identity, so only its shapes are checked), else a head written by :meth:`EagleHead.save`."""
-    if Path(path).is_dir():
-        return load_eagle_checkpoint(path, target_config)
-    return EagleHead.load(path, target_config, target_identity)
 
 
 def head_files(path: str | Path) -> tuple[Path, Path]:
