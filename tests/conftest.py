@@ -14,10 +14,10 @@ from toy import ToyLM
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def build_tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
-    """A random 2-layer Llama (hidden 64), deterministic given ``seed``."""
+def build_tiny_llama(seed: int = 0, vocab_size: int = 128, num_layers: int = 2) -> LlamaForCausalLM:
+    """A random Llama of ``num_layers`` layers (hidden 64), deterministic given ``seed``."""
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     with torch.random.fork_rng():

@@ -375,6 +375,10 @@ class FeatureStore:
         existing = json.loads(self.meta_path.read_text())
         if "aux_layers" not in meta and "aux_layers" in existing:  # an EAGLE-3 store serves EAGLE-1/2 as well
             meta["aux_layers"] = existing["aux_layers"]
+        if "aux_layers" in meta and "aux_layers" not in existing:
+            raise IncompatibleModelsError(
+                f"feature store {self.root} is an EAGLE-1/2 store (final features only) but this fit needs the "
+                f"inputs of target layers {meta['aux_layers']} (EAGLE-3): choose another store_dir for it")
         if existing != meta:
             differing = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
             raise IncompatibleModelsError(

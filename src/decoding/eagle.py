@@ -36,10 +36,11 @@ class EagleDrafter(Drafter):
     """Propose a chain with a trained EAGLE head (``python -m src fit --config configs/eagle.yaml`` trains one).
 
     Args:
-        head_path: the exported head, ``<path>.safetensors`` + ``<path>.json`` (:mod:`src.models.eagle`); a
-            folder in the layout of the EAGLE repository's released checkpoints (``config.json`` +
-            ``pytorch_model.bin`` / ``model.safetensors``) loads too. None: the ``head_path`` of the
-            ``EagleModule`` that runs it (``configs/eagle.yaml``).
+        head_path: the exported head, ``<path>.safetensors`` + ``<path>.json`` (:mod:`src.models.eagle`); or a
+            head folder in any published layout (:mod:`src.models.eagle_formats`: the EAGLE repository's EAGLE-1/2
+            and EAGLE-3 releases, SpecForge exports, speculators folders); or ``hub:<owner>/<name>`` for such a
+            folder on the Hugging Face hub (e.g. ``hub:yuhuili/EAGLE3-LLaMA3.1-Instruct-8B``). None: the
+            ``head_path`` of the ``EagleModule`` that runs it (``configs/eagle.yaml``).
     """
 
     name = "eagle"
@@ -58,36 +59,41 @@ class EagleDrafter(Drafter):
         return {"head_path": self.head_path}
 
     def input_files(self) -> list[str]:
-        """The head's files (a run fingerprint hashes them); a folder in the EAGLE layout counts as its files."""
+        """The head's files (a run fingerprint hashes them); a head folder (any published layout) counts as its
+        files; a ``hub:`` head is downloaded first (once, into the hub cache)."""
         from src.models.eagle import head_files  # decoding stays importable without the head's file format
+        from src.models.eagle_formats import resolve_head_path
 
         if not self.head_path:
             return []
-        if Path(self.head_path).is_dir():
-            return sorted(str(p) for p in Path(self.head_path).iterdir() if p.is_file())
-        return [str(path) for path in head_files(self.head_path)]
+        path = resolve_head_path(self.head_path)
+        if path.is_dir():
+            return sorted(str(p) for p in path.iterdir() if p.is_file())
+        return [str(file) for file in head_files(path)]
 
     def prepare(self, target_info: dict[str, Any] | None) -> None:
         """Before any prompt: the head must exist; the target's identity (name, dtype, revision) is kept so that
         a head trained for another target is refused when it loads."""
         from src.models.eagle import TRAIN_HINT, head_files
+        from src.models.eagle_formats import resolve_head_path
 
         self.target_identity = target_info
         if self.head_path is None:
             return  # refused at begin(), naming the fix
-        missing = [str(p) for p in head_files(self.head_path) if not p.is_file()]
-        if missing and not Path(self.head_path).is_dir():
+        path = resolve_head_path(self.head_path)
+        missing = [str(p) for p in head_files(path) if not p.is_file()]
+        if missing and not path.is_dir():
             raise MissingInputError(f"head file {missing[0]} does not exist: {TRAIN_HINT}")
 
     def load(self, target) -> None:
-        from src.models.eagle_formats import load_head
+        from src.models.eagle_formats import load_head, resolve_head_path
 
         if self.head_path is None:
             raise InvalidParameterError(
                 "the eagle drafter has no head_path: set drafter.init_args.head_path, or run it from EagleModule "
                 "(configs/eagle.yaml), whose head_path it then uses"
             )
-        self.head = load_head(self.head_path, target.config, self.target_identity).to(
+        self.head = load_head(resolve_head_path(self.head_path), target.config, self.target_identity).to(
             device=target.get_input_embeddings().weight.device, dtype=target.get_input_embeddings().weight.dtype
         ).eval()
         self.loaded_for = target

@@ -11,10 +11,9 @@ x_{p+2}, whose target distribution is p(. | f_{p+1}) restricted to the draft voc
     step j:  input h^{j-1}_{p-1}                      the head's own output one row up: a j-th draft step
     loss  =  sum_j step_weight^(j-1) * [ CE(q^j_p, p_p) + feature_loss_weight * SmoothL1(norm(h^j_p), f_{p+1}) ]
 
-Masks of the training-time test (exact, as at decoding time): step j at row p is draft step j of the chain that
-starts after the exact pair at s = p - j + 1, so its query sees the step-1 keys of rows 0..s and the step-i keys
-of rows s + i - 1 (i = 2..j), its own included; RoPE position p. SpecForge's TTT (its ``ttt_length``) is the same
-pattern with the chain start's positions; no feature regression by default (EAGLE-3 trains on tokens only).
+Masks of the training-time test: :func:`src.models.eagle3.ttt_mask` (exact, as at decoding time; a test checks
+it against the drafter's own step-by-step chain). No feature regression by default (EAGLE-3 trains on tokens
+only).
 
 Validation reports what SpecForge and speculators do: per-step accuracy conditioned on the earlier steps
 (``val_agree_step{j}``), unconditioned (``val_chain_step{j}``), and the simulated acceptance length
@@ -29,20 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from src.decoding.kv import new_cache
 from src.errors import IncompatibleModelsError, InvalidParameterError
 from src.lit.eagle import EagleDataModule, EagleModule
-from src.models.eagle3 import Eagle3Config, Eagle3Head
+from src.models.eagle3 import Eagle3Config, Eagle3Head, ttt_forward
 from src.models.eagle_formats import save_speculators
-
-
-def ttt_mask(rows: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(rows, step * rows) bool, True = attend: the keys step ``step``'s query at row p sees among the blocks of
-    steps 1..step (block i holds step i's keys of every row): step 1 rows <= p - step + 1, step i row p - step + i."""
-    p = torch.arange(rows, device=device)[:, None]
-    r = torch.arange(rows, device=device)[None, :]
-    blocks = [r <= p - step + 1] + [r == p - step + i for i in range(2, step + 1)]
-    return torch.cat(blocks, dim=1)
 
 
 class Eagle3Module(EagleModule):
@@ -114,24 +103,10 @@ class Eagle3Module(EagleModule):
             self.head.init_from_target(target)
 
     def ttt_passes(self, batch: dict[str, torch.Tensor], steps: int) -> list[torch.Tensor]:
-        """h^j (B, n, H) for j = 1..steps over rows p = 0..n-1 (n = T - 1), with the training-time-test masks."""
-        target = self.pair.target.model
-        aux = batch["aux_features"]  # (B, T, 3H)
-        ids = batch["input_ids"]  # (B, T)
-        B, T = ids.shape
-        n = T - 1
+        """h^j (B, n, H) for j = 1..steps over rows p = 0..n-1 (n = T - 1): :func:`src.models.eagle3.ttt_forward`."""
         with torch.no_grad():
-            embedded = self.head.embedding(target)(ids[:, 1:]).to(self.head.fc.weight.dtype)  # x_{p+1}: (B, n, H)
-        positions = torch.arange(n, device=ids.device).expand(B, n)
-        cache = new_cache()  # step j's keys join the cache, so step j + 1 attends to them
-        hidden = aux[:, :n]  # step 1 reads fc(a_p)
-        outputs = []
-        for j in range(1, steps + 1):
-            mask = ttt_mask(n, j, ids.device)[None, None].expand(B, 1, n, j * n)
-            out = self.head(hidden, embedded, position_ids=positions, cache=cache, attention_mask=mask)  # (B, n, H)
-            outputs.append(out)
-            hidden = torch.cat([out.new_zeros(B, 1, out.shape[-1]), out[:, :-1]], dim=1)  # row p reads h_{p-1}
-        return outputs
+            embedded = self.head.embedding(self.pair.target.model)(batch["input_ids"][:, 1:])  # x_{p+1}: (B, n, H)
+        return ttt_forward(self.head, batch["aux_features"][:, :-1], embedded.to(self.head.fc.weight.dtype), steps)
 
     def _draft_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The target lm_head's rows (V_d, H) and bias of the draft vocabulary."""

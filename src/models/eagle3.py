@@ -33,8 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
 
+from src.decoding.kv import new_cache
 from src.errors import IncompatibleModelsError, InvalidParameterError
 from src.models.eagle import causal_mask, rope_parameters
 
@@ -71,8 +77,10 @@ class Eagle3Config:
 
     def __post_init__(self) -> None:
         self.aux_layers = tuple(int(layer) for layer in self.aux_layers)
-        if len(self.aux_layers) < 1 or any(layer < 0 for layer in self.aux_layers):
-            raise InvalidParameterError(f"aux_layers={list(self.aux_layers)} is invalid: give target layer ids >= 0")
+        # >= 2 layers: the head tells fused target states (len * H_t wide) from its own (H wide) by their width
+        if len(self.aux_layers) < 2 or any(layer < 0 for layer in self.aux_layers):
+            raise InvalidParameterError(f"aux_layers={list(self.aux_layers)} is invalid: give two or more target "
+                                        "layer ids >= 0 (EAGLE-3 reads three)")
         if not 1 <= self.draft_vocab_size <= self.vocab_size:
             raise InvalidParameterError(f"draft_vocab_size={self.draft_vocab_size} must lie in [1, {self.vocab_size}] "
                                         "(the target's vocabulary): use a head made for this target")
@@ -246,6 +254,44 @@ class Eagle3Head(nn.Module):
         norm = getattr(target.get_decoder(), "norm", None)
         if norm is not None and getattr(norm, "weight", None) is not None and norm.weight.shape == self.norm.weight.shape:
             self.norm.weight.copy_(norm.weight.to(self.norm.weight))
+
+
+# ---------------------------------------------------------------- training-time test
+
+
+def ttt_mask(rows: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(rows, step * rows) bool, True = attend: what step ``step``'s query at row p sees among the key blocks of
+    steps 1..step (block i: step i's keys of every row).
+
+    Step j at row p is draft step j of the chain whose last exact pair is s = p - j + 1 (at decoding time the head
+    has read the verified pairs 0..s and then drafted j - 1 tokens at rows s + 1 .. p - 1). So it sees step 1's keys
+    of rows 0..s, and step i's key of row s + i - 1 for i = 2..j (its own included): each earlier draft of its
+    chain once, no draft of any other chain. SpecForge's ``ttt_length`` steps use the same pattern.
+    """
+    p = torch.arange(rows, device=device)[:, None]
+    r = torch.arange(rows, device=device)[None, :]
+    blocks = [r <= p - step + 1] + [r == p - step + i for i in range(2, step + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+def ttt_forward(head: Eagle3Head, aux: torch.Tensor, embedded: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The training-time test: h^j (B, n, H) for j = 1..steps.
+
+    aux (B, n, 3 H_t): the target's aux states a_p; embedded (B, n, H): embeddings of x_{p+1}. Step 1 reads
+    fc(a_p); step j reads step j - 1's output of row p - 1 (a j-th draft step), same token x_{p+1}, same RoPE
+    position p as at decoding time. Keys of every step stay in one cache, masked by :func:`ttt_mask`; rows p < j - 1
+    have no chain of j steps (their outputs are meaningless, masked out of losses and counts).
+    """
+    batch, n, _ = embedded.shape
+    positions = torch.arange(n, device=embedded.device).expand(batch, n)
+    cache = new_cache()  # step j's keys join it, so step j + 1 attends to them
+    hidden, outputs = aux, []
+    for j in range(1, steps + 1):
+        mask = ttt_mask(n, j, embedded.device)[None, None].expand(batch, 1, n, j * n)
+        out = head(hidden, embedded, position_ids=positions, cache=cache, attention_mask=mask)  # (B, n, H)
+        outputs.append(out)
+        hidden = torch.cat([out.new_zeros(batch, 1, out.shape[-1]), out[:, :-1]], dim=1)  # row p reads h of p - 1
+    return outputs
 
 
 def draft_vocab_maps(draft_ids: torch.Tensor | None, draft_vocab: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from src.errors import IncompatibleModelsError, MalformedInputError, MissingInputError
+from src.errors import IncompatibleModelsError, InvalidParameterError, MalformedInputError, MissingInputError
 from src.models.eagle import (
     EagleHead,
     _AttrDict,
@@ -43,6 +43,29 @@ LAYOUTS = ("sp-samp head files (<path>.safetensors + <path>.json)", "EAGLE repos
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
 SPECULATORS_VERSION = "0.3.0"  # the speculators release whose config layout the export follows
 METADATA_FILE = "sp_samp.json"  # our training metadata beside a speculators folder (vLLM ignores it)
+
+
+HUB_PREFIX = "hub:"
+HUB_FILES = ["config.json", "*.safetensors", "pytorch_model.bin", METADATA_FILE]
+
+
+def resolve_head_path(path: str | Path) -> Path:
+    """A local head path as is; ``hub:<owner>/<name>[@revision]`` downloaded (config and weights only) into the
+    Hugging Face cache, and its local folder returned (offline: from the cache, with HF_HUB_OFFLINE=1)."""
+    text = str(path)
+    if not text.startswith(HUB_PREFIX):
+        return Path(path)
+    repo, _, revision = text.removeprefix(HUB_PREFIX).partition("@")
+    if len(repo.split("/")) != 2 or not all(repo.split("/")):
+        raise InvalidParameterError(f"head_path {text!r} is not hub:<owner>/<name>: e.g. "
+                                    "hub:yuhuili/EAGLE3-LLaMA3.1-Instruct-8B")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=HUB_FILES))
+    except Exception as error:  # offline, gated, unknown repo: huggingface_hub raises several kinds
+        raise MissingInputError(f"cannot download head {repo!r} ({_one_line(error)}): check the name, log in for "
+                                f"gated repos, or download it first (`hf download {repo}`) and pass its folder") from None
 
 
 def load_head(path: str | Path, target_config: Any, target_identity: dict[str, Any] | None = None):
@@ -134,8 +157,8 @@ def check_verifier(config: dict[str, Any], target_identity: dict[str, Any] | Non
 
 
 def _same_model(a: str, b: str) -> bool:
-    a, b = a.rstrip("/"), b.rstrip("/")
-    return a == b or a.endswith("/" + b.split("/")[-1]) and b.split("/")[-1] == a.split("/")[-1]
+    """Same hub id, or a local folder named like the hub model (``/models/Llama-3.1-8B-Instruct``)."""
+    return a.rstrip("/").split("/")[-1] == b.rstrip("/").split("/")[-1]
 
 
 def load_eagle3(
