@@ -14,7 +14,6 @@ import torch
 from conftest import build_tiny_llama
 from test_eagle_drafter import (
     ALPHA,
-    GREEDY,
     PROMPTS,
     SAMPLING,
     SMALL_PROMPT,

@@ -21,7 +21,6 @@ that returns the prompt's features (as in EAGLE).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
