@@ -305,6 +305,15 @@ def test_bad_files_are_refused(target, trained, tmp_path):
     with pytest.raises(IncompatibleModelsError, match=r"reads target layers \[2, 15, 27\] but this target has 6 layers"):
         load_head(path, target.config, IDENTITY)
 
+    for change, message in (({"norm_before_fc": True}, "norm_before_fc=true"),
+                            ({"transformer_layer_config": {**config["transformer_layer_config"],
+                                                           "num_hidden_layers": 2}}, "2-layer draft")):
+        (path / "config.json").write_text(json.dumps({**config, "eagle_aux_hidden_state_layer_ids": list(AUX),
+                                                      **change}))
+        with pytest.raises(MalformedInputError, match=message) as error:
+            load_head(path, target.config, IDENTITY)
+        one_line(error)
+
 
 def test_unknown_layout_names_the_known_ones(target, tmp_path):
     folder = tmp_path / "head"

@@ -122,6 +122,13 @@ def eagle3_config(config: dict[str, Any], layout: str, target_config: Any, direc
         raise MalformedInputError(f"{directory}/config.json lacks the decoder layer's sizes "
                                   f"({'transformer_layer_config' if layout == 'speculators' else 'hidden_size'}): "
                                   "download the head again")
+    layers = layer.get("num_hidden_layers") or 1
+    if layers != 1:  # speculators can train deeper drafts; the EAGLE-3 recipe and its releases use one layer
+        raise MalformedInputError(f"{directory}/config.json describes a {layers}-layer draft (num_hidden_layers="
+                                  f"{layers}): sp-samp decodes one-layer EAGLE-3 heads; train one with num_layers=1")
+    if config.get("norm_before_fc"):  # speculators' gpt-oss variant: an RMSNorm over the 3H input before fc
+        raise MalformedInputError(f"{directory}/config.json sets norm_before_fc=true (speculators' gpt-oss variant), "
+                                  "which sp-samp does not decode: use a head trained without it")
     layer = _AttrDict(layer)
     nested = config.get("eagle_config") if isinstance(config.get("eagle_config"), dict) else {}
     ids = config.get("eagle_aux_hidden_state_layer_ids") or nested.get("eagle_aux_hidden_state_layer_ids")
