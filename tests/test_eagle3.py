@@ -355,3 +355,40 @@ def test_verification_forward_hands_over_the_aux_states(target):
     assert hidden.shape == (1, 4, 64) and logits.shape[:2] == (1, 4)
     with pytest.raises(InvalidParameterError, match=r"must lie in \[0, 5\]"):
         model_logits_and_hidden(target, ids, new_cache(), feature_layers=(0, 6))
+
+
+# ---------------------------------------------------------------- the embedded SmolLM2
+
+
+@pytest.mark.slow
+def test_embedded_greedy_equals_baseline_chain_and_tree(embedded_target, tmp_path):
+    """SmolLM2 (fp32), 10 MT-Bench + 10 Spec-Bench prompts, 128 tokens: an EAGLE-3 head over 8192 draft ids,
+    trained briefly on the target's own answers to two of them and exported in the speculators format, drafts
+    for a chain (k=2) and a tree (budget 8, depth 4); both reproduce the baseline's tokens on every prompt."""
+    from collections import Counter
+
+    from test_drafters import embedded_cases, logit_margin
+    from test_eagle_drafter import GREEDY, chat_ids
+
+    from src.lit.records import first_divergence
+
+    model, tokenizer = embedded_target.model, embedded_target.tokenizer
+    eos = {tokenizer.eos_token_id}
+    cases = [(label, chat_ids(tokenizer, text)) for label, text in embedded_cases(mt_bench=10, spec_bench=10)]
+    expected = {label: Baseline().generate(model, None, ids, 128, GREEDY, eos).tokens for label, ids in cases}
+    head = new_head(model, torch.arange(0, 8192), aux_layers=default_aux_layers(model.config.num_hidden_layers))
+    train_head(head, model, [cases[i][1][0].tolist() + expected[cases[i][0]] for i in (0, 1)], steps=40)
+    folder = export(head, model, tmp_path / "head")
+    methods = {"chain": SpeculativeSampling(2, drafter=EagleDrafter(folder)),
+               "tree": SpecExec(budget=8, max_depth=4, drafter=EagleDrafter(folder))}
+    failures, accepted = [], Counter()
+    for label, ids in cases:
+        for name, method in methods.items():
+            generation = method.generate(model, None, ids, 128, GREEDY, eos)
+            accepted[name] += generation.stats.accepted_tokens
+            index = first_divergence(generation.tokens, expected[label])
+            if index is not None:
+                margin = logit_margin(model, ids, expected[label], index)
+                failures.append(f"{name} on {label}: first divergence at {index}, top-2 margin {margin:.2e}")
+    assert not failures, "\n".join(failures)
+    assert all(accepted[name] > 0 for name in methods), accepted
