@@ -10,7 +10,7 @@ ARGS            ?=
 PY              := $(VENV)/bin/python
 SETUP_ENV       := VENV=$(VENV) PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) TORCH_INDEX_URL=$(TORCH_INDEX_URL)
 
-.PHONY: help setup predict autojudge eagle report test test-all lint list-presets clean docker-build docker-build-gpu docker-predict
+.PHONY: help setup predict autojudge eagle eagle1 report test test-all lint list-presets clean docker-build docker-build-gpu docker-predict
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,7 +25,11 @@ autojudge: setup  ## AutoJudge: mine labels + train the judge (fit), then decode
 	$(PY) -m src fit --config configs/autojudge.yaml $(ARGS)
 	$(PY) -m src predict --config configs/autojudge.yaml $(ARGS)
 
-eagle: setup  ## EAGLE: build features + train the draft head (fit), then decode MT-Bench with it (predict)
+eagle: setup  ## EAGLE-3 (the better recipe here, README): features + train the head (fit), decode MT-Bench (predict)
+	$(PY) -m src fit --config configs/eagle3.yaml $(ARGS)
+	$(PY) -m src predict --config configs/eagle3.yaml $(ARGS)
+
+eagle1: setup  ## the EAGLE-1/2 recipe (configs/eagle.yaml): fit, then predict
 	$(PY) -m src fit --config configs/eagle.yaml $(ARGS)
 	$(PY) -m src predict --config configs/eagle.yaml $(ARGS)
 
