@@ -26,12 +26,12 @@ autojudge: setup  ## AutoJudge: mine labels + train the judge (fit), then decode
 	$(PY) -m src predict --config configs/autojudge.yaml $(ARGS)
 
 eagle: setup  ## EAGLE-3 (the better recipe here, README): features + train the head (fit), decode MT-Bench (predict)
-	$(PY) -m src fit --config configs/eagle3.yaml $(ARGS)
-	$(PY) -m src predict --config configs/eagle3.yaml $(ARGS)
-
-eagle1: setup  ## the EAGLE-1/2 recipe (configs/eagle.yaml): fit, then predict
 	$(PY) -m src fit --config configs/eagle.yaml $(ARGS)
 	$(PY) -m src predict --config configs/eagle.yaml $(ARGS)
+
+eagle1: setup  ## the EAGLE-1/2 recipe (configs/eagle1.yaml): fit, then predict
+	$(PY) -m src fit --config configs/eagle1.yaml $(ARGS)
+	$(PY) -m src predict --config configs/eagle1.yaml $(ARGS)
 
 report: setup  ## summarise datasets/results.jsonl into reports/ (report.md, report.html, PNGs; ARGS="--seed 1")
 	$(PY) -m src.report datasets/results.jsonl --out reports $(ARGS)

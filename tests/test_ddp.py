@@ -230,7 +230,7 @@ def test_eagle_fit_under_ddp_counts_each_validation_conversation_once(tmp_path):
     metrics = {}
     for name, extra in (("one", ()), ("ddp", DDP)):
         args = [
-            sys.executable, "-m", "src", "fit", "--config", "configs/eagle.yaml", "--seed_everything", "0",
+            sys.executable, "-m", "src", "fit", "--config", "configs/eagle1.yaml", "--seed_everything", "0",
             "--model.init_args.target.name_or_path", model_dir, "--model.init_args.draft.name_or_path", model_dir,
             "--model.init_args.head_path", str(tmp_path / name / "head"), "--model.init_args.top_tokens", "512",
             "--model.init_args.learning_rate", "0.0",

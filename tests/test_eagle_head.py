@@ -269,7 +269,7 @@ def test_load_refuses_missing_and_corrupt_files(target, tmp_path):
     with pytest.raises(MissingInputError) as error:
         EagleHead.load(tmp_path / "nothing", target.config)
     assert_one_line(error, "nothing.safetensors")
-    assert "configs/eagle.yaml" in str(error.value)
+    assert "configs/eagle1.yaml" in str(error.value)
     saved_head(target, tmp_path)
     weights = tmp_path / "eagle.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -32,14 +32,14 @@ from src.errors import InvalidParameterError, MissingInputError
 
 
 class EagleDrafter(Drafter):
-    """Propose a chain with a trained EAGLE head (``python -m src fit --config configs/eagle.yaml`` trains one).
+    """Propose a chain with a trained EAGLE head (``python -m src fit --config configs/eagle1.yaml`` trains one).
 
     Args:
         head_path: the exported head, ``<path>.safetensors`` + ``<path>.json`` (:mod:`src.models.eagle`); or a
             head folder in any published layout (:mod:`src.models.eagle_formats`: the EAGLE repository's EAGLE-1/2
             and EAGLE-3 releases, SpecForge exports, speculators folders); or ``hub:<owner>/<name>`` for such a
             folder on the Hugging Face hub (e.g. ``hub:yuhuili/EAGLE3-LLaMA3.1-Instruct-8B``). None: the
-            ``head_path`` of the ``EagleModule`` that runs it (``configs/eagle.yaml``).
+            ``head_path`` of the ``EagleModule`` that runs it (``configs/eagle1.yaml``).
     """
 
     name = "eagle"
@@ -90,7 +90,7 @@ class EagleDrafter(Drafter):
         if self.head_path is None:
             raise InvalidParameterError(
                 "the eagle drafter has no head_path: set drafter.init_args.head_path, or run it from EagleModule "
-                "(configs/eagle.yaml), whose head_path it then uses"
+                "(configs/eagle1.yaml), whose head_path it then uses"
             )
         self.head = load_head(resolve_head_path(self.head_path), target.config, self.target_identity).to(
             device=target.get_input_embeddings().weight.device, dtype=target.get_input_embeddings().weight.dtype

@@ -1,5 +1,5 @@
 """The EAGLE draft head on the Lightning side: one module and one data module serve both subcommands of
-``configs/eagle.yaml``.
+``configs/eagle1.yaml``.
 
 - ``fit``: :class:`EagleDataModule` builds the training data in ``prepare_data`` (the target's features over
   conversations: reference answers read by teacher forcing, and optionally the target's own answers,

@@ -1,4 +1,4 @@
-"""Training an EAGLE-3 head (Li et al. 2025, arXiv 2503.01840) with ``python -m src fit --config configs/eagle3.yaml``.
+"""Training an EAGLE-3 head (Li et al. 2025, arXiv 2503.01840) with ``python -m src fit --config configs/eagle.yaml``.
 
 The data module is EAGLE-1/2's (:class:`~src.lit.eagle.EagleDataModule`) with ``aux_layers`` set: the store then
 keeps, per token, the inputs of three target layers a_t (3H) beside the final feature f_t (H). The module is

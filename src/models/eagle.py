@@ -41,7 +41,7 @@ from src.errors import (
 )
 
 FORMAT = "sp-samp-eagle-head/1"
-TRAIN_HINT = "train one with `python -m src fit --config configs/eagle.yaml` or set head_path"
+TRAIN_HINT = "train one with `python -m src fit --config configs/eagle1.yaml` or set head_path"
 IDENTITY_FIELDS = ("name", "dtype", "revision")  # what identifies the target a head was trained for
 SKIPPED_NORM = "layer.input_layernorm.weight"  # EAGLE-1 skips this norm: accepted in a state dict, ignored
 # the layer-config fields saved in ``<path>.json``, enough to rebuild the head

@@ -160,7 +160,7 @@ def check_verifier(config: dict[str, Any], target_identity: dict[str, Any] | Non
     if _same_model(str(named), str(ours)):
         return
     raise IncompatibleModelsError(f"head {directory} was trained for verifier {named!r} but this run's target is "
-                                  f"{ours!r}: use a head made for this target, or train one (configs/eagle3.yaml)")
+                                  f"{ours!r}: use a head made for this target, or train one (configs/eagle.yaml)")
 
 
 def _same_model(a: str, b: str) -> bool:
