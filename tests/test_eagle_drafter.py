@@ -275,7 +275,7 @@ def test_refusals(tmp_path, target):
 
 def test_missing_head_is_refused_before_any_prompt(tmp_path):
     method = SpeculativeSampling(2, drafter=EagleDrafter(str(tmp_path / "nope")))
-    with pytest.raises(MissingInputError, match=r"nope\.safetensors does not exist.*configs/eagle\.yaml"):
+    with pytest.raises(MissingInputError, match=r"nope\.safetensors does not exist.*configs/eagle1\.yaml"):
         method.prepare({"name": "t"}, None)
 
 
