@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src.schema import Totals, add_baseline_ratios  # noqa: E402
+from src.results.schema import Totals, add_baseline_ratios  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,8 +22,9 @@ from src.errors import InvalidParameterError, MissingInputError, UserInputError
 from src.lit.distributed import release_process_group
 from src.lit.progress import use_speedup_progress_bar
 from src.lit.reporting import MetricsReporter
-from src.lit.results import ResultsWriter, check_output_path
-from src.metrics import format_summary_table
+from src.lit.results import ResultsWriter
+from src.results.files import check_output_path
+from src.results.summary import format_summary_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -364,7 +364,7 @@ def test_an_answer_cut_by_the_token_limit_is_skipped(noisy_pair):
 
 
 def test_answers_are_compared_with_the_baseline_answer():
-    from src.lit.records import compare_with_baseline
+    from src.results.records import compare_with_baseline
 
     def record(method, answer, tokens):
         return {"method": method, "status": "ok", "tokens_per_s": 1.0, "tokens": tokens, "answer": answer}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from src.tools.check_results import main
+from src.results.check import main
 
 SYSTEM = {k: "x" for k in ("git_sha", "hostname", "python", "torch", "transformers", "lightning", "device",
                            "gpu_name", "gpu_driver", "cuda", "cpu", "timestamp")} | {"num_threads": 2}

@@ -18,7 +18,8 @@ import torch
 from conftest import ROOT, dataset_file, write_tiny_predict_config
 
 from src.errors import OutputExistsError
-from src.lit.results import check_output_path, merge_parts, part_files, part_path, read_records
+from src.jsonl import read_records
+from src.results.files import check_output_path, merge_parts, part_files, part_path
 
 LIMIT = 5  # odd: the two ranks get 3 and 2 prompts (Lightning's predict sampler does not pad)
 

@@ -22,7 +22,7 @@ from src.decoding import Baseline, SamplingConfig, SpecExec, SpeculativeSampling
 from src.decoding.drafters import Drafter, ModelDrafter, PromptLookup, Proposal
 from src.decoding.sampling import make_generator, next_token, sample
 from src.errors import InvalidParameterError
-from src.lit.records import first_divergence
+from src.results.records import first_divergence
 
 GREEDY = SamplingConfig()
 ALPHA = 1e-3  # exactness: the G-test must not reject at this level

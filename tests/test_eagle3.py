@@ -370,7 +370,7 @@ def test_embedded_greedy_equals_baseline_chain_and_tree(embedded_target, tmp_pat
     from test_drafters import embedded_cases, logit_margin
     from test_eagle_drafter import GREEDY, chat_ids
 
-    from src.lit.records import first_divergence
+    from src.results.records import first_divergence
 
     model, tokenizer = embedded_target.model, embedded_target.tokenizer
     eos = {tokenizer.eos_token_id}

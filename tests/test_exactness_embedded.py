@@ -15,7 +15,7 @@ from conftest import chat_input_ids
 from src.decoding import Baseline, SamplingConfig
 from src.decoding.specexec import SpecExec
 from src.decoding.speculative import SpeculativeSampling
-from src.lit.records import first_divergence
+from src.results.records import first_divergence
 
 NEW_TOKENS = 64
 PROMPTS = 5

@@ -23,8 +23,9 @@ import pytest
 from conftest import ROOT, dataset_file, write_tiny_predict_config
 
 from src.errors import OutputExistsError
-from src.lit.results import check_is_results_file, check_output_path, read_records, repair_lines
-from src.tools.check_results import main as check_results
+from src.jsonl import read_records, repair_lines
+from src.results.check import main as check_results
+from src.results.files import check_is_results_file, check_output_path
 
 LIMIT = 3
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, dataset_file
 
 from src.lit.progress import RunningSpeedup
-from src.tools.check_results import main as check_results
+from src.results.check import main as check_results
 from src.tools.wandb_offline import read_offline_runs
 
 CONTRACT = (

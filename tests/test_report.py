@@ -219,7 +219,7 @@ def test_compare_needs_two_files(tmp_path, capsys):
 
 def test_numbers_do_not_depend_on_other_rows():
     """Each statistic draws from a fresh generator: adding a method leaves the others' intervals alone."""
-    from src.report import stats_by_method_category
+    from src.results.report.stats import stats_by_method_category
 
     alone = stats_by_method_category(spec_records(), seed=0, resamples=200)
     mixed = stats_by_method_category(rich_records(), seed=0, resamples=200)

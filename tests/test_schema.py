@@ -10,13 +10,14 @@ from types import SimpleNamespace
 import pytest
 from test_report import rich_records
 
-from src.lit.records import classify_divergence, near_tie_tolerance
+from src.lit.metrics import DecodingMetrics
 from src.lit.reporting import TABLE_COLUMNS, MetricsReporter
-from src.metrics import DecodingMetrics, format_summary_table, summarize
 from src.report import main as report_main
-from src.report import stats_by_method_category
-from src.schema import AGGREGATES, FIELD_BY_NAME, FIELDS, METHOD_FIELDS, Totals, describe, fields_of
-from src.tools.check_results import check_record
+from src.results.check import check_record
+from src.results.records import classify_divergence, near_tie_tolerance
+from src.results.report.stats import stats_by_method_category
+from src.results.schema import AGGREGATES, FIELD_BY_NAME, FIELDS, METHOD_FIELDS, Totals, describe, fields_of
+from src.results.summary import format_summary_table, summarize
 
 # The record contract scripts depend on. Renaming or dropping one of these is a breaking change: update the
 # schema, every reader, the README and this list together.

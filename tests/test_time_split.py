@@ -19,9 +19,9 @@ from src.decoding.profile import (
 )
 from src.decoding.sampling import SamplingConfig
 from src.decoding.timing import drafting, timed_generate
-from src.lit.records import ok_record
-from src.schema import undeclared
-from src.tools.check_results import check_record
+from src.results.check import check_record
+from src.results.records import ok_record
+from src.results.schema import undeclared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = SamplingConfig()

@@ -55,9 +55,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from src.data.mining import read_jsonl_rows
 from src.decoding.base import input_device, layer_features
 from src.errors import IncompatibleModelsError, InvalidParameterError, MalformedInputError, MissingInputError
+from src.jsonl import append_rows, guard_meta, read_meta, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +343,9 @@ def feature_meta(
     }
 
 
+FEATURE_STORE_FIX = "delete the feature store and build it again"
+
+
 class FeatureStore:
     """Append-only, resumable store of target features (module docstring)."""
 
@@ -368,26 +371,17 @@ class FeatureStore:
             raise InvalidParameterError(f"feature_dtype {meta.get('feature_dtype')!r} is invalid: use one of "
                                         f"{sorted(FEATURE_DTYPES)}")
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
-        meta = json.loads(json.dumps(meta))
-        if not self.meta_path.is_file():
-            self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-            return
-        existing = json.loads(self.meta_path.read_text())
-        if "aux_layers" not in meta and "aux_layers" in existing:  # an EAGLE-3 store serves EAGLE-1/2 as well
-            meta["aux_layers"] = existing["aux_layers"]
-        if "aux_layers" in meta and "aux_layers" not in existing:
+        existing = read_meta(self.meta_path)
+        if existing and "aux_layers" not in meta and "aux_layers" in existing:  # an EAGLE-3 store serves EAGLE-1/2
+            meta = {**meta, "aux_layers": existing["aux_layers"]}
+        if existing and "aux_layers" in meta and "aux_layers" not in existing:
             raise IncompatibleModelsError(
                 f"feature store {self.root} is an EAGLE-1/2 store (final features only) but this fit needs the "
                 f"inputs of target layers {meta['aux_layers']} (EAGLE-3): choose another store_dir for it")
-        if existing != meta:
-            differing = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
-            raise IncompatibleModelsError(
-                f"feature store {self.root} was built with other settings ({', '.join(differing)} differ): "
-                "delete it or choose another dir"
-            )
+        guard_meta(self.meta_path, meta, f"feature store {self.root} was built", "delete it or choose another dir")
 
     def meta(self) -> dict[str, Any]:
-        return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else {}
+        return read_meta(self.meta_path)
 
     def dtype(self) -> torch.dtype:
         return FEATURE_DTYPES[self.meta().get("feature_dtype", "bfloat16")]
@@ -399,7 +393,7 @@ class FeatureStore:
 
     def finished_items(self) -> dict[str, dict[str, Any]]:
         """item id -> its row in ``items.jsonl`` (the last row wins)."""
-        return {row["item_id"]: row for row in _read_jsonl(self.items_path)}
+        return {row["item_id"]: row for row in read_rows(self.items_path, FEATURE_STORE_FIX)}
 
     def add_batch(self, items: Sequence[EncodedItem], features: Sequence[torch.Tensor]) -> str:
         """Write one batch: its shard first, then one row per item (which marks it finished). Returns the shard."""
@@ -429,14 +423,14 @@ class FeatureStore:
         os.replace(temporary, path)
 
     def _write_rows(self, rows: list[dict[str, Any]]) -> None:
-        _append_jsonl(self.items_path, rows)
+        append_rows(self.items_path, rows)
 
     def answers(self, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """item id -> answer row of ``answers.jsonl``; refuses answers generated with other settings."""
         if not self.meta_path.is_file():
             raise InvalidParameterError(f"feature store {self.root} is not open: call store.open(feature_meta(...)) "
                                         "before generating answers into it")
-        rows = _read_jsonl(self.answers_path)
+        rows = read_rows(self.answers_path, FEATURE_STORE_FIX)
         settings = json.loads(json.dumps(settings))
         for row in rows:
             if row.get("settings") != settings:
@@ -448,7 +442,7 @@ class FeatureStore:
         return {row["item_id"]: row for row in rows}
 
     def add_answers(self, rows: list[dict[str, Any]]) -> None:
-        _append_jsonl(self.answers_path, rows)
+        append_rows(self.answers_path, rows)
 
 
 def _pack(
@@ -470,21 +464,6 @@ def _pack(
     if with_aux:
         packed["aux_features"] = torch.cat([f[1].to(dtype) for f in features]).contiguous()  # (N, 3H)
     return packed
-
-
-def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows in one write, after dropping a line cut by a killed run (so it never ends up mid-file)."""
-    if path.is_file() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with path.open("rb+") as handle:
-                handle.truncate(data.rfind(b"\n") + 1)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl_rows(path, "delete the feature store and build it again")
 
 
 # ---------------------------------------------------------------- teacher-forced features

@@ -28,7 +28,6 @@ written last: a prompt without it is mined again, so a killed run resumes where 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -41,7 +40,7 @@ import torch
 from src.decoding.base import vocab_width
 from src.decoding.branches import BranchDecoder, greedy_answers
 from src.decoding.sampling import SamplingConfig, logits_to_probs
-from src.errors import IncompatibleModelsError, MalformedInputError
+from src.jsonl import append_rows, guard_meta, read_meta, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +246,9 @@ class LabelSet:
         return self.labels.numel()
 
 
+LABEL_STORE_FIX = "delete the label store and mine again"
+
+
 class LabelStore:
     """Append-only store of mined labels (module docstring); safetensors for tensors, JSONL for the rest."""
 
@@ -263,22 +265,13 @@ class LabelStore:
     def open(self, meta: dict[str, Any]) -> None:
         """Create the store, or check that an existing one was mined with the same models and settings."""
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
-        if self.meta_path.is_file():
-            existing = json.loads(self.meta_path.read_text())
-            if existing != json.loads(json.dumps(meta)):
-                differing = sorted(k for k in set(existing) | set(meta) if existing.get(k) != meta.get(k))
-                raise IncompatibleModelsError(
-                    f"label store {self.root} was mined with other settings ({', '.join(differing)} differ): "
-                    "delete it or choose another store_dir"
-                )
-        else:
-            self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        guard_meta(self.meta_path, meta, f"label store {self.root} was mined", "delete it or choose another store_dir")
 
     def meta(self) -> dict[str, Any]:
-        return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else {}
+        return read_meta(self.meta_path)
 
     def finished_prompts(self) -> dict[str, dict[str, Any]]:
-        return {row["prompt_id"]: row for row in read_jsonl_rows(self.root / "prompts.jsonl")}
+        return {row["prompt_id"]: row for row in read_rows(self.root / "prompts.jsonl", LABEL_STORE_FIX)}
 
     def add(self, prompt_id: str, mined: MinedPrompt, seconds: float) -> None:
         """Write one prompt: features shard, label rows, then the prompt row that marks it finished."""
@@ -290,26 +283,23 @@ class LabelStore:
                 "draft_hidden": torch.stack([m.draft_hidden for m in mined.mismatches]).contiguous(),
                 "target_hidden": torch.stack([m.target_hidden for m in mined.mismatches]).contiguous(),
             }, str(self.root / shard))
-        with (self.root / "labels.jsonl").open("a", encoding="utf-8") as handle:
-            for row, m in enumerate(mined.mismatches):
-                handle.write(json.dumps({
-                    "prompt_id": prompt_id, "position": m.position, "draft_token": m.draft_token,
-                    "target_token": m.target_token, "label": m.label, "shard": shard, "row": row,
-                    "continuation_tokens": m.continuation_tokens, "stats": m.stats,
-                }) + "\n")
-        with (self.root / "prompts.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({
-                "prompt_id": prompt_id, "reference_answer": mined.reference_answer, "stopped_by": mined.stopped_by,
-                "mismatches": len(mined.mismatches), "important": sum(m.label for m in mined.mismatches),
-                "found": mined.found, "answer_tokens": len(mined.answer_tokens), "seconds": round(seconds, 3),
-            }) + "\n")
+        append_rows(self.root / "labels.jsonl", [{
+            "prompt_id": prompt_id, "position": m.position, "draft_token": m.draft_token,
+            "target_token": m.target_token, "label": m.label, "shard": shard, "row": row,
+            "continuation_tokens": m.continuation_tokens, "stats": m.stats,
+        } for row, m in enumerate(mined.mismatches)])
+        append_rows(self.root / "prompts.jsonl", [{  # written last: it marks the prompt finished
+            "prompt_id": prompt_id, "reference_answer": mined.reference_answer, "stopped_by": mined.stopped_by,
+            "mismatches": len(mined.mismatches), "important": sum(m.label for m in mined.mismatches),
+            "found": mined.found, "answer_tokens": len(mined.answer_tokens), "seconds": round(seconds, 3),
+        }])
 
     def load(self) -> LabelSet:
         """Every label of a finished prompt (rows of an unfinished prompt, from a killed run, are ignored)."""
         from safetensors.torch import load_file
 
         finished = self.finished_prompts()
-        rows = [r for r in read_jsonl_rows(self.root / "labels.jsonl") if r["prompt_id"] in finished]
+        rows = [r for r in read_rows(self.root / "labels.jsonl", LABEL_STORE_FIX) if r["prompt_id"] in finished]
         # A prompt mined twice (killed after its shard, before its prompt row) keeps its last rows only.
         latest = {(r["prompt_id"], r["row"]): r for r in rows}
         rows = list(latest.values())
@@ -329,22 +319,3 @@ class LabelStore:
             torch.stack(draft), torch.stack(target), torch.tensor([r["label"] for r in rows], dtype=torch.float32),
             [r["prompt_id"] for r in rows], rows, stats,
         )
-
-
-def read_jsonl_rows(path: Path, fix: str = "delete the label store and mine again") -> list[dict[str, Any]]:
-    """The rows of an append-only JSONL store file ([] when absent); a last line cut by a killed run is
-    skipped, any other bad line is a one-line error ending with ``fix``."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                continue  # a line cut by a killed run
-            raise MalformedInputError(f"{path}:{number} is not valid JSON: {fix}") from error
-    return rows

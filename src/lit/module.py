@@ -20,7 +20,11 @@ from src.decoding.profile import measure_profile, predict
 from src.decoding.sampling import SamplingConfig, make_generator
 from src.decoding.timing import timed_generate
 from src.errors import InvalidParameterError
-from src.lit.records import (
+from src.lit.system import system_info
+from src.models.loading import load_tokenizer
+from src.models.pair import ModelPair, load_pair
+from src.models.spec import ModelSpec
+from src.results.records import (
     classify_divergence,
     compare_with_baseline,
     error_record,
@@ -29,10 +33,6 @@ from src.lit.records import (
     ok_record,
     resume_key,
 )
-from src.lit.system import system_info
-from src.models.loading import load_tokenizer
-from src.models.pair import ModelPair, load_pair
-from src.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 

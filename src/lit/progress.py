@@ -7,11 +7,11 @@ from typing import Any
 
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-from src.schema import Totals
+from src.results.schema import Totals
 
 
 class RunningSpeedup:
-    """Each method's ``speedup`` so far (src.schema's aggregate: geometric mean of per-prompt ratios) and errors."""
+    """Each method's ``speedup`` so far (src.results.schema's aggregate: geometric mean of per-prompt ratios) and errors."""
 
     def __init__(self) -> None:
         self.totals: dict[str, Totals] = defaultdict(Totals)

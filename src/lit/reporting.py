@@ -16,7 +16,10 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from src.lit.distributed import gather_from_ranks
-from src.metrics import DecodingMetrics, summarize
+from src.lit.metrics import DecodingMetrics
+from src.results.report.plots import plot_blocks
+from src.results.report.stats import stats_by_method_category
+from src.results.summary import summarize
 
 TABLE_COLUMNS = (
     "method", "prompt_id", "category", "turn", "status", "new_tokens", "tokens_per_s", "speedup",
@@ -120,8 +123,6 @@ def _scalars(values: dict[str, Any]) -> dict[str, float | int]:
 
 def report_plots(records: list[dict[str, Any]]) -> list[tuple[str, str, bytes]]:
     """(name, title, PNG bytes) of the comparison report's plots over these records (those with data)."""
-    from src.report import plot_blocks, stats_by_method_category
-
     stats = stats_by_method_category(records, seed=0, resamples=200)
     return [(b[1].name.removesuffix(".png"), b[1].title, b[1].png) for b in plot_blocks(records, stats, 2, "") if b[0] == "img"]
 

@@ -46,7 +46,7 @@ class ModelSpec:
     attn_implementation: str | None = None
 
     def identity(self) -> dict[str, object]:
-        """The fields that change what this model outputs (a run fingerprint covers them; see ``src.lit.records``).
+        """The fields that change what this model outputs (a run fingerprint covers them; see ``src.results.records``).
 
         The device counts by type only (``cuda``, not ``cuda:1``): numerics differ between a CPU and a GPU, not
         between two GPUs of one data-parallel run. ``trust_remote_code`` and the bitsandbytes options of an

@@ -129,7 +129,7 @@ class Tuner:
 
     def decode(self, method, prompts) -> list[dict[str, Any]]:
         from src.decoding.timing import timed_generate
-        from src.lit.records import ok_record
+        from src.results.records import ok_record
 
         module, records = self.module, []
         for prompt in prompts:

@@ -2,9 +2,9 @@
 
 A *record* is one JSONL line of ``python -m src predict``: one (prompt, turn, method). :data:`FIELDS` declares
 each field once: name, JSON types, unit, meaning, and who carries it (every record, ``ok`` records, or the
-records of one method). Records are built (:mod:`src.lit.records`), validated (``src.tools.check_results``),
+records of one method). Records are built (:mod:`src.results.records`), validated (:mod:`src.results.check`),
 summarized (:class:`Totals` -> :func:`aggregate`, used by the console table, the torchmetrics / wandb logging and
-``src.report``) and documented (``python -m src.schema`` prints the table of fields and aggregates) from here.
+``src.report``) and documented (``python -m src.results.schema`` prints the table of fields and aggregates) from here.
 
 Aggregates over a group of records (one method, or one method x category) have one name per definition:
 
@@ -139,7 +139,7 @@ FIELDS: tuple[Field, ...] = (
 )
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 if len(FIELD_BY_NAME) != len(FIELDS):  # pragma: no cover - a declaration error, caught on import
-    raise RuntimeError("src.schema.FIELDS declares a field twice")
+    raise RuntimeError("src.results.schema.FIELDS declares a field twice")
 
 
 def fields_of(carrier: str) -> dict[str, tuple[type, ...]]:
@@ -281,7 +281,7 @@ def contributions(record: Mapping[str, Any]) -> tuple[dict[str, float], list[flo
 
 
 class Totals:
-    """Sums of a group of records in plain Python (the report and the tests); :class:`src.metrics.DecodingMetrics`
+    """Sums of a group of records in plain Python (the report and the tests); :class:`src.lit.metrics.DecodingMetrics`
     keeps the same sums as torchmetrics states. Both hand them to :func:`aggregate`."""
 
     def __init__(self, records: Iterable[Mapping[str, Any]] = ()) -> None:
@@ -362,7 +362,7 @@ def add_baseline_ratios(groups: dict[Any, dict[str, Any]], baseline_of) -> dict[
 
 
 def describe() -> str:
-    """Markdown tables of every field and aggregate (``python -m src.schema``; the README links it)."""
+    """Markdown tables of every field and aggregate (``python -m src.results.schema``; the README links it)."""
     lines = ["| field | carried by | type | unit | meaning |", "|---|---|---|---|---|"]
     for f in FIELDS:
         types = " or ".join("null" if t is type(None) else t.__name__ for t in f.types)
