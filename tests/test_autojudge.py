@@ -11,7 +11,6 @@ from conftest import build_tiny_llama, perturbed_copy
 
 from src.data.mining import (
     IMPORTANT,
-    STATS_FEATURES,
     UNIMPORTANT,
     LabelStore,
     continuation_budget,
@@ -22,7 +21,7 @@ from src.decoding.baseline import Baseline
 from src.decoding.sampling import SamplingConfig
 from src.decoding.speculative import SpeculativeSampling
 from src.errors import IncompatibleModelsError, InvalidParameterError, MissingInputError
-from src.models.judge import Judge, JudgeHead, select_threshold
+from src.models.judge import STATS_FEATURES, Judge, JudgeHead, select_threshold
 
 PROMPT = [1, 17, 33, 5, 90]
 EOS = {2}

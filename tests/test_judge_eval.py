@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.data.mining import STATS_FEATURES, LabelSet
+from src.models.judge import STATS_FEATURES, LabelSet
 from src.models.judge_eval import (
     TRAINED,
     auroc,

@@ -41,6 +41,7 @@ from src.decoding.base import vocab_width
 from src.decoding.branches import BranchDecoder, greedy_answers
 from src.decoding.sampling import SamplingConfig, logits_to_probs
 from src.jsonl import append_rows, guard_meta, read_meta, read_rows
+from src.models.judge import STATS_FEATURES, LabelSet
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,6 @@ LOOP_WINDOW = 32  # a greedy output repeating a window this long is looping (src
 # The cheap per-label features, in this order (p = target, q = draft, both at temperature 1, on the teacher-
 # forced answer R): p of the target's token (its top-1 probability, R being greedy), p of the draft's token,
 # q of the draft's token, q of the target's token, the entropies of p and q, and the mismatch's place in R.
-STATS_FEATURES = ("p_target_token", "p_draft_token", "q_draft_token", "q_target_token", "entropy_p", "entropy_q",
-                  "position", "position_share")
-
-
 @dataclass
 class Mismatch:
     position: int  # index in the answer R (0 = first generated token)
@@ -228,22 +225,6 @@ def mismatch_stats(
 
 
 # ---------------------------------------------------------------- the store
-
-
-@dataclass
-class LabelSet:
-    """All mined mismatches: features (n, Hd) and (n, Ht), labels (n,), the prompt of each row, and the cheap
-    features (n, len(STATS_FEATURES)) (None for a store mined before they were kept)."""
-
-    draft_hidden: torch.Tensor
-    target_hidden: torch.Tensor
-    labels: torch.Tensor
-    prompt_ids: list[str]
-    rows: list[dict[str, Any]]
-    stats: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.labels.numel()
 
 
 LABEL_STORE_FIX = "delete the label store and mine again"

@@ -34,12 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from src.data import features
+from src.data.features import FeatureDataset, FeatureStore, collate_sequences
 from src.decoding.drafters import Drafter
 from src.decoding.eagle import EagleDrafter
 from src.errors import InvalidParameterError, UserInputError
 from src.lit.data import PromptDataModule
 from src.lit.distributed import gather_unique
 from src.lit.module import DecodingModule
+from src.models.eagle import EagleHead
 from src.models.eagle3 import default_aux_layers
 
 log = logging.getLogger(__name__)
@@ -151,8 +154,6 @@ class EagleDataModule(PromptDataModule):
 
     def conversations(self, module: DecodingModule):
         """Every training conversation: teacher-forced sources, then the target's own answers (generated once)."""
-        from src.data import features
-
         items = [item for path in self.train_sources for item in features.read_conversations(path, self.train_limit)]
         if self.self_distill_path and self.self_distill_prompts:
             source = PromptDataModule(path=self.self_distill_path, categories=self.self_distill_categories,
@@ -166,16 +167,12 @@ class EagleDataModule(PromptDataModule):
 
     @property
     def store(self):
-        from src.data.features import FeatureStore
-
         return FeatureStore(self.store_dir)
 
     def prepare_data(self) -> None:
         """Build what the store lacks; a finished store is only read. ``predict`` builds nothing."""
         if self.trainer is not None and self.trainer.state.fn != "fit":
             return
-        from src.data import features
-
         module = self.trainer.lightning_module if self.trainer is not None else None
         if not isinstance(module, DecodingModule):
             raise InvalidParameterError("building EAGLE features needs the target: use src.lit.eagle.EagleModule")
@@ -208,8 +205,6 @@ class EagleDataModule(PromptDataModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return super().setup(stage)
-        from src.data.features import FeatureDataset
-
         with_aux = self.aux_layers is not None
         self.train_set = FeatureDataset(self.store_dir, "train", self.val_fraction, self.max_length, with_aux)
         self.val_set = FeatureDataset(self.store_dir, "val", self.val_fraction, self.max_length, with_aux)
@@ -224,15 +219,11 @@ class EagleDataModule(PromptDataModule):
         return counts
 
     def train_dataloader(self) -> DataLoader:
-        from src.data.features import collate_sequences
-
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator,
                           collate_fn=collate_sequences)
 
     def val_dataloader(self) -> DataLoader:
-        from src.data.features import collate_sequences
-
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=collate_sequences)
 
 
@@ -293,8 +284,6 @@ class EagleModule(DecodingModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return super().setup(stage)
-        from src.models.eagle import EagleHead
-
         pair = self.ensure_pair()
         data = self.trainer.datamodule
         if not isinstance(data, EagleDataModule):

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryF1Score, BinaryRecall
 
-from src.data.mining import LabelSet, LabelStore, mine_prompts
+from src.data.answers import extract_answer
+from src.data.mining import LabelStore, mine_prompts
 from src.decoding.autojudge import AutoJudge
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
 from src.lit.data import PromptDataModule
 from src.lit.distributed import gather_unique
 from src.lit.module import DecodingModule
-from src.models.judge import FeatureLayout, HeadType, Judge, JudgeHead, select_threshold
+from src.models.judge import FeatureLayout, HeadType, Judge, JudgeHead, LabelSet, select_threshold
 from src.models.judge_eval import evaluate_judges
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,6 @@ class JudgeDataModule(PromptDataModule):
         self._mine(module, todo, len(done))
 
     def _mine(self, module: DecodingModule, prompts, already: int) -> None:
-        from src.data.answers import extract_answer
-
         pair, tokenizer = module.pair, module.pair.tokenizer
         start = time.monotonic()
 

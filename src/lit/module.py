@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from src.data.answers import answers_match, extract_answer
 from src.data.prompts import encode_messages, truncate_left
 from src.decoding.base import DecodingMethod, model_logits, vocab_width
 from src.decoding.baseline import Baseline
@@ -302,8 +303,6 @@ class DecodingModule(L.LightningModule):
         gold = batch.get("answer")
         if gold is None and method.name != "autojudge":
             return {}
-        from src.data.answers import answers_match, extract_answer
-
         answer = extract_answer(text, batch.get("answer_extractor") or "gsm8k")
         return {"answer": answer, "answer_correct": None if gold is None else answers_match(answer, gold)}
 

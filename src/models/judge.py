@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,27 @@ import torch
 from torch import nn
 
 from src.errors import IncompatibleModelsError, InvalidParameterError, MissingInputError
+
+# The cheap per-mismatch features label mining keeps (src.data.mining) and the logistic baseline judge reads.
+STATS_FEATURES = ("p_target_token", "p_draft_token", "q_draft_token", "q_target_token", "entropy_p", "entropy_q",
+                  "position", "position_share")
+
+
+@dataclass
+class LabelSet:
+    """All mined mismatches: features (n, Hd) and (n, Ht), labels (n,), the prompt of each row, and the cheap
+    features (n, len(STATS_FEATURES)) (None for a store mined before they were kept)."""
+
+    draft_hidden: torch.Tensor
+    target_hidden: torch.Tensor
+    labels: torch.Tensor
+    prompt_ids: list[str]
+    rows: list[dict[str, Any]]
+    stats: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
 
 HeadType = Literal["logistic", "mlp"]
 FeatureLayout = Literal["draft+target", "target"]

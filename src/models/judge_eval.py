@@ -6,7 +6,7 @@ Every judge here is a score per mismatch where higher means "more likely importa
 - ``always important``: a constant (AUROC 0.5, AP = the share of important labels): what a judge must beat;
 - ``target top-1 probability``: p of the target's own token (a confident target makes swaps costly?);
 - ``p-q gap of the draft token``: q(draft token) - p(draft token), how much more the draft likes its token;
-- ``cheap features (logistic)``: a logistic judge on :data:`src.data.mining.STATS_FEATURES` (probabilities,
+- ``cheap features (logistic)``: a logistic judge on :data:`src.models.judge.STATS_FEATURES` (probabilities,
   entropies, position), trained on the same split: the cheap extra set, reported apart from the paper's.
 
 A one-feature judge's direction (score or minus score) is chosen on the training labels, never on the test
@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
-from src.data.mining import STATS_FEATURES, LabelSet
-from src.models.judge import HeadType, JudgeHead
+from src.models.judge import STATS_FEATURES, HeadType, JudgeHead, LabelSet
 
 BOOTSTRAP_SAMPLES = 1000
 CURVE_FRACTIONS = (0.125, 0.25, 0.5, 1.0)  # shares of the training prompts behind each learning-curve point
