@@ -43,7 +43,7 @@ test-all: setup  ## run every test, the slow end-to-end ones included
 	$(PY) -m pytest -q $(ARGS)
 
 lint: setup  ## ruff over the code and tests
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests benchmarks
 
 list-presets:  ## list the shipped configs and model presets, one line each
 	@for f in configs/*.yaml configs/models/*.yaml; do \
