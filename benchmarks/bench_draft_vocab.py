@@ -26,21 +26,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from harness import EMBEDDED, REPO_ROOT, encode_first_turns, eos_ids, find_dataset, rotated
 
-from src.data.prompts import Prompt, encode_messages, read_prompt_file
+from src.data.prompts import read_prompt_file, round_robin
 from src.decoding import Baseline, DecodingMethod, SamplingConfig, SpeculativeSampling
 from src.decoding.base import input_device, vocab_width
 from src.decoding.drafters import ModelDrafter
 from src.decoding.token_map import build_from_files
+from src.errors import UserInputError
 from src.models import ModelSpec, load_pair
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = "embedded:smollm2-135m-instruct"
 GREEDY = SamplingConfig()
 
 
@@ -59,26 +59,6 @@ class Row:
     outputs: list[list[int]] = field(default_factory=list)
 
 
-def find_file(name: str, given: str | None) -> Path:
-    """``given``, else ``datasets/NAME`` or ``../shared/datasets/NAME``."""
-    shared = REPO_ROOT.parent / "shared" / "datasets" / name
-    candidates = [Path(given)] if given else [REPO_ROOT / "datasets" / name, shared]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise SystemExit(f"error: {name} not found in {[str(p) for p in candidates]}: pass its path")
-
-
-def one_per_category(prompts: list[Prompt]) -> list[Prompt]:
-    """The first prompt of each category (file order), then the second of each, ...: a few prompts span the
-    categories (MT-Bench's first five are all 'writing')."""
-    by_category: dict[str, list[Prompt]] = {}
-    for prompt in prompts:
-        by_category.setdefault(prompt.category, []).append(prompt)
-    depth = max(map(len, by_category.values()), default=0)
-    return [group[rank] for rank in range(depth) for group in by_category.values() if rank < len(group)]
-
-
 def draft_latency_ms(drafter: ModelDrafter, draft, vocab: int, sequence: list[int], repeats: int) -> float:
     """Mean ms of one one-token draft forward (+ argmax) after ``sequence[:-1]`` is cached."""
     with torch.inference_mode():
@@ -95,7 +75,14 @@ def draft_latency_ms(drafter: ModelDrafter, draft, vocab: int, sequence: list[in
     return 1000 * statistics.mean(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    try:
+        bench(argv)
+    except UserInputError as error:
+        sys.exit(f"error: {error}")
+
+
+def bench(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=5, help="MT-Bench first turns decoded per configuration")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -108,15 +95,16 @@ def main() -> None:
     parser.add_argument("--mt-bench", default=None, help="MT-Bench JSONL (default: datasets/ or the shared datasets)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     # Step 1: the pair and the token map (the draft's tokenizer; GSM8K questions + answers, MT-Bench texts).
+    gsm8k = find_dataset("gsm8k_train.jsonl", args.gsm8k, "--gsm8k")
+    mt_bench = find_dataset("mt_bench.jsonl", args.mt_bench, "--mt-bench", setup=True)
     pair = load_pair(ModelSpec(EMBEDDED, dtype="float32", device=args.device),
                      ModelSpec(EMBEDDED, dtype="bfloat16", device=args.device))
     target, draft, tokenizer = pair.target.model, pair.draft.model, pair.target.tokenizer
-    gsm8k, mt_bench = find_file("gsm8k_train.jsonl", args.gsm8k), find_file("mt_bench.jsonl", args.mt_bench)
     start = time.perf_counter()
     token_map = build_from_files(pair.draft.tokenizer, EMBEDDED, [gsm8k, mt_bench], args.results)
     token_map.save(args.map)
@@ -125,11 +113,9 @@ def main() -> None:
           + ", ".join(f"top {n}: {token_map.coverage(n):.2%}" for n in args.sizes))
 
     # Step 2: prompts (chat template) and the configurations.
-    prompts = one_per_category(read_prompt_file(mt_bench))[: args.prompts]
-    inputs = [encode_messages(tokenizer, [{"role": "user", "content": p.turns[0]}], True).to(input_device(target))
-              for p in prompts]
-    eos = draft.generation_config.eos_token_id
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or [tokenizer.eos_token_id])
+    prompts = round_robin(read_prompt_file(mt_bench))[: args.prompts]
+    inputs = encode_first_turns(tokenizer, prompts, input_device(target))
+    eos = eos_ids(draft, tokenizer)
     vocab = min(vocab_width(target), vocab_width(draft))
     rows = [Row("baseline", Baseline()), Row("full", SpeculativeSampling(args.k))]
     rows += [Row(f"N={n}", SpeculativeSampling(args.k, drafter=ModelDrafter(top_tokens=n, token_map=args.map)))
@@ -143,7 +129,7 @@ def main() -> None:
     # Step 4: greedy decoding, every configuration on prompt i before prompt i + 1 (warm-up: prompt 0, untimed).
     def run(row: Row, input_ids: torch.Tensor, timed: bool) -> None:
         begin = time.perf_counter()
-        generation = row.method.generate(target, draft, input_ids, args.new_tokens, GREEDY, eos_ids)
+        generation = row.method.generate(target, draft, input_ids, args.new_tokens, GREEDY, eos)
         if not timed:
             return
         row.seconds += time.perf_counter() - begin
@@ -157,7 +143,7 @@ def main() -> None:
     for row in rows:
         run(row, inputs[0], timed=False)
     for i, input_ids in enumerate(inputs):
-        for row in rows[i % len(rows) :] + rows[: i % len(rows)]:
+        for row in rotated(rows, i):
             run(row, input_ids, timed=True)
 
     # Step 5: the table.

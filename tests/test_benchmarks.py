@@ -19,6 +19,15 @@ from conftest import ROOT
 BENCH = ROOT / "benchmarks" / "bench_vs_hf.py"
 
 
+def load_harness():
+    """benchmarks/harness.py (the scripts' shared module; it imports no sibling script, so it loads alone)."""
+    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "benchmarks" / "harness.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -115,3 +124,49 @@ def test_bench_vs_hf_names_a_bad_option(option, value, named):
 def test_bench_vs_hf_refuses_a_min_ngram_above_a_lookup_g():
     result = run_bench("--lookup", "10:2", "--min-ngram", "3")
     assert result.returncode == 2 and "--min-ngram 3 is above G=2 of --lookup 10:2" in result.stderr
+
+
+class Counted(torch.nn.Module):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids.float().sum()
+
+
+def test_harness_timed_run_counts_forwards_per_side_with_the_time_split_and_removes_its_hooks():
+    """The bench's tok/call and draft/call come from TimeSplit's hooks: every forward of the target, of the draft
+    model and of an EAGLE head (both on the draft side) counts once, whether input_ids is passed by name or not."""
+    harness = load_harness()
+    target, draft, head = Counted(), Counted(), Counted()
+
+    def run(input_ids):
+        target(input_ids=input_ids)
+        target(input_ids[:, :1])
+        draft(input_ids)
+        head(input_ids[:, :2])
+        head(input_ids=input_ids)
+        return [7, 8], 0.5
+
+    record = harness.timed_run(run, torch.zeros(1, 3, dtype=torch.long), torch.device("cpu"), target, [draft, head])
+    assert (record.tokens, record.method_s, record.target_calls, record.draft_calls) == ([7, 8], 0.5, 2, 3)
+    assert 0 <= record.forward_s <= record.wall_s and record.gpu_mb is None and record.rss_mb > 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in (target, draft, head))
+
+
+def test_harness_rotates_finds_datasets_and_reads_eos(tmp_path):
+    harness = load_harness()
+    assert harness.rotated([1, 2, 3], 4) == [2, 3, 1]
+    with pytest.raises(harness.MissingInputError, match="--data .*nope.jsonl: no such file"):
+        harness.find_dataset("mt_bench.jsonl", tmp_path / "nope.jsonl", "--data")
+    (tmp_path / "p.jsonl").write_text("")
+    assert harness.find_dataset("mt_bench.jsonl", tmp_path / "p.jsonl", "--data") == tmp_path / "p.jsonl"
+
+    class Holder:
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
+
+    def model(eos):
+        return Holder(generation_config=Holder(eos_token_id=eos))
+
+    tokenizer = Holder(eos_token_id=2)
+    assert harness.eos_ids(model([5, 6]), tokenizer) == {5, 6}
+    assert harness.eos_ids(model(5), tokenizer) == {5}
+    assert harness.eos_ids(model(None), tokenizer) == {2}
