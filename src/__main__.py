@@ -14,6 +14,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Imported here, not at the top: `methods` lists the methods without loading Lightning and its CLI.
     if argv[:1] == ["methods"]:
         from src.cli_help import methods_text
 

@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
+from src.cli_help import subcommand_help
 from src.errors import InvalidParameterError, MissingInputError, UserInputError
 from src.lit.distributed import release_process_group
 from src.lit.progress import use_speedup_progress_bar
@@ -105,7 +106,8 @@ RUN_OPTIONS: dict[str, tuple[object, object, str]] = {
 class SpSampCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Only the two jobs of this tool: ``fit`` (train the AutoJudge judge) and ``predict`` (decode and measure)."""
+        """Only the two jobs of this tool: ``fit`` (train the AutoJudge judge or an EAGLE draft head, as the config says)
+        and ``predict`` (decode and measure)."""
         return {key: value for key, value in LightningCLI.subcommands().items() if key in ("fit", "predict")}
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -222,8 +224,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> SpSampCLI:
     argv = sys.argv[1:] if args is None else list(args)
     check_config_paths(argv)
     if argv and argv[0] in ("predict", "fit") and {"--help", "-h"} & set(argv):
-        from src.cli_help import subcommand_help
-
         print(subcommand_help(argv[0], argv, {name: option[2] for name, option in RUN_OPTIONS.items()}))
         raise SystemExit(0)
     argv = ["--help" if arg == "--help-all" else arg for arg in argv]

@@ -95,7 +95,7 @@ def explain_parse_error(message: str) -> str:
         dotted = re.match(r"Expected a dot import path string: (.*)$", text)
         bad = dotted.group(1) if dotted else class_path or text.rsplit(":", 1)[-1].strip()
         if "methods" in keys:
-            from src.cli_help import known_methods
+            from src.cli_help import known_methods  # imports the decoding methods (torch): only on this error
 
             names = ", ".join(f"{cls.name} ({path})" for path, cls in known_methods().items())
             return (f"unknown method class_path {bad!r} in {option}: use one of {names}; "

@@ -168,8 +168,7 @@ class JudgeDataModule(PromptDataModule):
         options = {"chat_template": self.chat_template, "system_prompt": self.system_prompt}
 
         def encode(prompt) -> list[int]:  # formatted as predict formats a first turn
-            messages = module._system_messages(options) + [{"role": "user", "content": prompt.turns[0]}]
-            return module._prompt_ids(options, messages)[0][0].tolist()
+            return module.first_turn_ids(options, prompt.turns[0])[0][0].tolist()
 
         progress = _progress(len(prompts), "mining AutoJudge labels")
         labels = important = skipped = 0

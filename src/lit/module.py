@@ -262,6 +262,12 @@ class DecodingModule(L.LightningModule):
     def _system_messages(batch: dict[str, Any]) -> list[dict[str, str]]:
         return [{"role": "system", "content": batch["system_prompt"]}] if batch.get("system_prompt") else []
 
+    def first_turn_ids(self, options: dict[str, Any], user_text: str) -> tuple[torch.Tensor, int]:
+        """A first turn formatted exactly as predict formats it (``options``: the data module's prompt options:
+        chat template, system prompt, truncation): token ids (1, n) and the tokens truncation dropped. Label
+        mining and the tune tool encode their prompts through this, so they see what predict decodes."""
+        return self._prompt_ids(options, self._system_messages(options) + [{"role": "user", "content": user_text}])
+
     def _run_turn(self, batch, batch_idx, turn, user_text, index, history):
         """Decode one turn with one method; returns (new record or None, reused record or None)."""
         method, method_key = self.methods[index], self.method_keys[index]

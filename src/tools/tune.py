@@ -102,7 +102,11 @@ def survival_curve(records: list[dict[str, Any]]) -> list[float]:
 
 
 class Tuner:
-    """The config's model pair, sampling and prompts; decodes with a method and returns records."""
+    """The config's model pair, sampling and prompts; decodes with a method and returns records.
+
+    Its methods import the torch side (src.cli, src.lit, src.decoding) where they need it: this module imports no
+    torch at the top, so ``--help`` and a bad argument answer at once instead of after torch's ~3 s import.
+    """
 
     def __init__(self, config: str, max_new_tokens: int | None) -> None:
         from src.cli import cli_main
@@ -142,8 +146,7 @@ class Tuner:
     def encode(self, prompt):
         """The prompt's first turn as predict formats it (the config's chat template, system prompt, truncation)."""
         options = self.data.prompt_options()
-        messages = self.module._system_messages(options) + [{"role": "user", "content": prompt.turns[0]}]
-        ids, _ = self.module._prompt_ids(options, messages)
+        ids, _ = self.module.first_turn_ids(options, prompt.turns[0])
         return ids.to(self.module.input_device)
 
     def profile(self, widest: int, prompt):
