@@ -36,8 +36,8 @@ eagle1: setup  ## the EAGLE-1/2 recipe (configs/eagle1.yaml): fit, then predict
 report: setup  ## summarise datasets/results.jsonl into reports/ (report.md, report.html, PNGs; ARGS="--seed 1")
 	$(PY) -m src.report datasets/results.jsonl --out reports $(ARGS)
 
-test: setup  ## run the default test suite (everything but tests marked slow)
-	$(PY) -m pytest -m "not slow" -q $(ARGS)
+test: setup  ## run the default test suite (everything but tests marked slow), two workers, one test file each
+	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadfile $(ARGS)
 
 test-all: setup  ## run every test, the slow end-to-end ones included
 	$(PY) -m pytest -q $(ARGS)

@@ -3,8 +3,11 @@
 middle of a record write (one process or one rank of two) or stopped by a full disk resumes with every record
 exactly once and a file that ``check_results --strict`` accepts.
 
-The command-line cases run as subprocesses (``python -m src``, as a user types it), two at a time; the rest run
-on a tiny random Llama with the real SmolLM2 tokenizer (``conftest.write_tiny_predict_config``).
+The command-line cases run in one subprocess that calls ``python -m src``'s ``main`` once per case with file
+descriptors 1 and 2 captured (everything the process prints, logging handlers and C extensions included): a fresh
+interpreter per case spent ~15 s importing torch and Lightning, 18 times. The kill and resume tests start
+``python -m src`` itself. The rest run on a tiny random Llama with the real SmolLM2 tokenizer
+(``conftest.write_tiny_predict_config``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,42 @@ def assert_every_record_once(path: Path, limit: int) -> None:
 
 
 # ---- every mistake of the issue, as a user types it -----------------------------------------------------------
+
+CASE_DRIVER = """\
+import json, os, sys, tempfile
+from src.__main__ import main
+
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    files = {fd: tempfile.TemporaryFile() for fd in (1, 2)}
+    sys.stdout.flush(); sys.stderr.flush()
+    for fd in (1, 2):
+        os.dup2(files[fd].fileno(), fd)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException as error:  # a traceback is a failed case, not a crashed driver
+        import traceback; traceback.print_exc(); code = 1
+    sys.stdout.flush(); sys.stderr.flush()
+    for fd in (1, 2):
+        os.dup2(saved[fd], fd); os.close(saved[fd])
+    out, err = [(files[fd].seek(0), files[fd].read().decode("utf-8", "replace"))[1] for fd in (1, 2)]
+    results[name] = {"returncode": code, "stdout": out, "stderr": err}
+print(json.dumps(results))
+"""
+
+
+def run_cases_in_one_process(cases: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """``python -m src``'s main on each argv, in one interpreter; each case's fds 1 and 2 are captured apart."""
+    done = subprocess.run([sys.executable, "-c", CASE_DRIVER, json.dumps(cases)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    return {name: subprocess.CompletedProcess(cases[name], r["returncode"], r["stdout"], r["stderr"])
+            for name, r in results.items()}
+
 
 METHOD_YAML = "model:\n  init_args:\n    methods:\n      - class_path: {path}\n{init}"
 
@@ -113,12 +151,8 @@ def cli_cases(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, 
     watched = [prompt_copy, other_jsonl, binary, config_copy, fresh]
     before = {path: path.read_bytes() if path.exists() else None for path in watched}
 
-    def one(item):
-        name, (args, _) = item
-        return name, run_src(*args, *([] if "--output" in args else ["--output", str(fresh)]))
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(pool.map(one, cases.items()))
+    argv = {name: [*args, *([] if "--output" in args else ["--output", str(fresh)])] for name, (args, _) in cases.items()}
+    results = run_cases_in_one_process(argv)
     return {name: (results[name], expected, before) for name, (_, expected) in cases.items()}
 
 

@@ -88,6 +88,8 @@ def ensure_converted(name_or_path: str) -> Path:
     try:
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
+        if (target_dir / "config.json").is_file() and (target_dir / "model.safetensors").is_file():
+            return target_dir  # another process (e.g. a second test worker) finished first: keep its copy
         if target_dir.exists():
             shutil.rmtree(target_dir)
         tmp_dir.rename(target_dir)
