@@ -33,3 +33,16 @@ class OutputNotWritableError(UserInputError, PermissionError):
 
 class IncompatibleModelsError(UserInputError, ValueError):
     """A draft that cannot serve the target (tokenizer mismatch), or a judge trained for another pair."""
+
+
+def is_positive_int(value: object, minimum: int = 1) -> bool:
+    """Whether ``value`` is an int >= ``minimum`` and not a bool (``True`` is an int to Python, but ``k: true`` in
+    a config is a typo, not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_positive_int(name: str, value: object, hint: str = "use an integer >= 1", minimum: int = 1) -> None:
+    """Refuse ``value`` unless :func:`is_positive_int`, in one line naming it and the fix: ``name=value is
+    invalid: hint``."""
+    if not is_positive_int(value, minimum):
+        raise InvalidParameterError(f"{name}={value!r} is invalid: {hint}")

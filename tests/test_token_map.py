@@ -31,7 +31,6 @@ from src.decoding.token_map import (
     TokenMap,
     build_from_files,
     count_token_ids,
-    load_token_map,
     main,
     read_token_map,
     texts_from_jsonl,
@@ -83,11 +82,11 @@ def test_counts_rank_and_round_trip(tmp_path):
 
 def test_select_includes_must_ids_ascends_and_fills_with_unseen_ids(tmp_path):
     path = write_map(tmp_path, [[7, 7, 7, 3, 3, 5]], 10)  # ranked 7, 3, 5; unseen 0, 1, 2, 4, 6, 8, 9
-    assert load_token_map(path, 2, 10).tolist() == [3, 7]
-    assert load_token_map(path, 2, 10, include=[9]).tolist() == [7, 9]  # exactly N: 9, then the top id
-    assert load_token_map(path, 5, 10).tolist() == [0, 1, 3, 5, 7]  # seen ids first, then unseen from 0 up
-    assert load_token_map(path, 10, 12).tolist() == list(range(10))
-    assert load_token_map(path, 3, 10, include=[7, 2]).tolist() == [2, 3, 7]
+    assert read_token_map(path).select(2, 10).tolist() == [3, 7]
+    assert read_token_map(path).select(2, 10, include=[9]).tolist() == [7, 9]  # exactly N: 9, then the top id
+    assert read_token_map(path).select(5, 10).tolist() == [0, 1, 3, 5, 7]  # seen ids first, then unseen from 0 up
+    assert read_token_map(path).select(10, 12).tolist() == list(range(10))
+    assert read_token_map(path).select(3, 10, include=[7, 2]).tolist() == [2, 3, 7]
 
 
 def test_jsonl_readers(tmp_path):
@@ -150,23 +149,23 @@ def test_command_line_builds_a_map(tmp_path, capsys):
 def test_load_errors_are_one_line(tmp_path):
     path = write_map(tmp_path, [[1, 2, 3]], 8)
     with pytest.raises(MissingInputError) as error:
-        load_token_map(tmp_path / "missing.json", 4, 8)
+        read_token_map(tmp_path / "missing.json").select(4, 8)
     assert "missing.json does not exist" in one_line(error) and "python -m src.decoding.token_map" in one_line(error)
     with pytest.raises(InvalidParameterError) as error:
-        load_token_map(path, 9, 8)
+        read_token_map(path).select(9, 8)
     assert "top_tokens=9 exceeds the 8 ids" in one_line(error)
     with pytest.raises(InvalidParameterError) as error:
-        load_token_map(path, 4, 6)  # the map was made for 8 ids, the models share 6
+        read_token_map(path).select(4, 6)  # the map was made for 8 ids, the models share 6
     assert "covers 8 ids" in one_line(error)
     for bad in (0, -3, True, 2.5):
         with pytest.raises(InvalidParameterError) as error:
-            load_token_map(path, bad, 8)
+            read_token_map(path).select(bad, 8)
         assert f"top_tokens={bad!r}" in one_line(error)
     with pytest.raises(InvalidParameterError) as error:
-        load_token_map(path, 2, 8, include=[8])
+        read_token_map(path).select(2, 8, include=[8])
     assert "[8]" in one_line(error)
     with pytest.raises(InvalidParameterError) as error:
-        load_token_map(path, 1, 8, include=[1, 2])
+        read_token_map(path).select(1, 8, include=[1, 2])
     assert "use top_tokens >= 2" in one_line(error)
     files = {
         "id.json": ({"tokenizer": "t", "vocab_size": 8, "counts_total": 1, "top_ids": [3, 8]}, "id 8 is outside"),
@@ -176,11 +175,11 @@ def test_load_errors_are_one_line(tmp_path):
     for name, (table, message) in files.items():
         (tmp_path / name).write_text(json.dumps(table))
         with pytest.raises(MalformedInputError) as error:
-            load_token_map(tmp_path / name, 1, 8)
+            read_token_map(tmp_path / name).select(1, 8)
         assert message in one_line(error)
     (tmp_path / "text.json").write_text("not json")
     with pytest.raises(MalformedInputError) as error:
-        load_token_map(tmp_path / "text.json", 1, 8)
+        read_token_map(tmp_path / "text.json").select(1, 8)
     assert "is not JSON" in one_line(error)
     with pytest.raises(MalformedInputError) as error:
         count_token_ids([[1, 9]], 8)

@@ -20,8 +20,9 @@ Build one from the command line (``--from-prompts`` / ``--from-results`` may rep
         --from-prompts ../shared/datasets/gsm8k_train.jsonl --from-results datasets/results.jsonl \\
         --out artifacts/token_map.json
 
-The library functions read plain JSONL themselves and take tokenizers as arguments: nothing here imports the
-model loader or the prompt readers (only :func:`main`, the entry point, loads a tokenizer).
+The library functions read plain JSONL themselves (every string of the text fields, answers included, unlike
+the prompt readers of :mod:`src.data.prompts`) and take tokenizers as arguments; only :func:`main`, the entry
+point, loads a tokenizer.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from typing import Any
 
 import torch
 
-from src.errors import InvalidParameterError, MalformedInputError, MissingInputError, UserInputError
+from src.errors import (
+    InvalidParameterError,
+    MalformedInputError,
+    MissingInputError,
+    UserInputError,
+    check_positive_int,
+    is_positive_int,
+)
+from src.models import ModelSpec, load_tokenizer
 
 # Fields of a prompt line whose text is counted: MT-Bench / Spec-Bench (turns, reference), GSM8K (question,
 # answer), plain prompt files (prompt, text).
@@ -92,8 +101,7 @@ class TokenMap:
         order makes an argmax over the subset break ties toward the smaller id, as an argmax over all ids does.
         ``vocab``: the ids the models share; every selected id is below it.
         """
-        if isinstance(top_tokens, bool) or not isinstance(top_tokens, int) or top_tokens < 1:
-            raise InvalidParameterError(f"top_tokens={top_tokens!r} is invalid: use an integer >= 1 (e.g. 16384)")
+        check_positive_int("top_tokens", top_tokens, "use an integer >= 1 (e.g. 16384)")
         if self.vocab_size > vocab:
             raise InvalidParameterError(
                 f"token map {self.path} covers {self.vocab_size} ids ({self.tokenizer}) but the models share only "
@@ -140,8 +148,7 @@ class TokenMap:
 
 def count_token_ids(sequences: Iterable[Sequence[int]], vocab_size: int) -> torch.Tensor:
     """Step 1: occurrences of each id over ``sequences`` (lists of token ids) -> (vocab_size,) long counts."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise InvalidParameterError(f"vocab_size={vocab_size!r} is invalid: use the tokenizer's len() (>= 1)")
+    check_positive_int("vocab_size", vocab_size, "use the tokenizer's len() (>= 1)")
     counts = torch.zeros(vocab_size, dtype=torch.long)
     pending: list[int] = []
 
@@ -241,7 +248,7 @@ def read_token_map(path: str | Path) -> TokenMap:
     if missing:
         raise MalformedInputError(f"token map {path} lacks {missing}: {BUILD_HINT}")
     size, top_ids = table["vocab_size"], table["top_ids"]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_positive_int(size):
         raise MalformedInputError(f"token map {path}: vocab_size={size!r} is not a positive integer: {BUILD_HINT}")
     if not isinstance(top_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in top_ids):
         raise MalformedInputError(f"token map {path}: top_ids must be a list of token ids: {BUILD_HINT}")
@@ -257,12 +264,6 @@ def read_token_map(path: str | Path) -> TokenMap:
         tokenizer=str(table["tokenizer"]), vocab_size=size, top_ids=top_ids, top_counts=list(top_counts),
         counts_total=int(table["counts_total"]), source=list(table.get("source", [])), path=str(path),
     )
-
-
-def load_token_map(path: str | Path, top_tokens: int, vocab: int, include: Iterable[int] = ()) -> torch.Tensor:
-    """The ``top_tokens`` ids (sorted ascending) a draft restricted by the map at ``path`` scores; ``include``
-    always among them. See :meth:`TokenMap.select`."""
-    return read_token_map(path).select(top_tokens, vocab, include)
 
 
 # ---------------------------------------------------------------- command line
@@ -301,9 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="predict results whose generated 'tokens' are counted; repeatable")
     parser.add_argument("--out", required=True, help="where to write the map (JSON)")
     args = parser.parse_args(argv)
-    # The entry point alone loads a tokenizer: the library above stays free of the model loader.
-    from src.models import ModelSpec, load_tokenizer
-
     try:
         tokenizer = load_tokenizer(ModelSpec(name_or_path=args.tokenizer))
         token_map = build_from_files(tokenizer, args.tokenizer, args.from_prompts, args.from_results)
