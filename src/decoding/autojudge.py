@@ -10,10 +10,11 @@ Greedy, as in the paper. Each cycle:
             "judge-accepted" token) and go on, else emit t_i and end the cycle;
     Step 4  all k kept -> also emit the bonus t_{k+1} (the target already conditioned on the kept drafts).
 
-The cycle is the chain cycle of :mod:`src.decoding.chain` (shared with speculative sampling and label mining):
-only the decision at a mismatch differs. With a judge that never lets anything through, the output is exactly
-greedy speculative decoding's (and the target's greedy output). Per cycle we also count what exact speculative decoding would have accepted (the
-leading exact matches), so records show the judge's gain on the same cycles.
+Steps 1, 2 and the caches' part of step 4 are the chain stages of :mod:`src.decoding.chain`, shared with
+speculative sampling: only the decision at a mismatch differs. With a judge that never lets anything through,
+the output is exactly greedy speculative decoding's (and the target's greedy output). Per cycle we also count
+what exact speculative decoding would have accepted (the leading exact matches), so records show the judge's
+gain on the same cycles.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from typing import Any
 
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, input_device, vocab_width
-from src.decoding.chain import Verified, chain_cycle
-from src.decoding.drafters import ModelDrafter, Proposal
-from src.decoding.kv import new_cache
+from src.decoding.base import DecodingMethod, GenerationState, input_device, shared_vocab
+from src.decoding.chain import check_chain_length, commit_chain, verify_chain
+from src.decoding.drafters import ModelDrafter
 from src.decoding.sampling import SamplingConfig
-from src.decoding.stats import Generation, GenerationStats, run_cycles
+from src.decoding.stats import Generation
+from src.decoding.timing import drafting
 from src.errors import InvalidParameterError
+from src.models.judge import Judge
+
+GREEDY = SamplingConfig()  # AutoJudge drafts and verifies greedily, as in the paper
 
 
 class AutoJudge(DecodingMethod):
@@ -47,14 +51,13 @@ class AutoJudge(DecodingMethod):
     lossless = False  # the judge lets some mismatches through
 
     def __init__(self, k: int = 4, judge_path: str | None = None, threshold: float | None = None) -> None:
-        if k < 1:
-            raise InvalidParameterError(f"k={k} is invalid: use k >= 1 draft tokens per target call")
+        check_chain_length(k)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise InvalidParameterError(f"threshold={threshold} is invalid: use a probability in [0, 1] or null")
         self.k = k
         self.judge_path = judge_path
         self.threshold = threshold
-        self.judge = None  # a src.models.judge.Judge, set by prepare() or directly (tests)
+        self.judge: Judge | None = None  # set by prepare() or directly (tests)
 
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "threshold": self.threshold, "judge_path": self.judge_path}
@@ -66,8 +69,6 @@ class AutoJudge(DecodingMethod):
         return [f"{self.judge_path}.safetensors", f"{self.judge_path}.json"] if self.judge_path else []
 
     def prepare(self, target_info: dict[str, Any], draft_info: dict[str, Any] | None) -> None:
-        from src.models.judge import Judge  # decoding stays importable without the judge's file format
-
         if self.judge_path is None:
             raise InvalidParameterError("autojudge needs judge_path: set it, or use the AutoJudge module's judge_path")
         self.judge = Judge.load(self.judge_path)
@@ -88,51 +89,52 @@ class AutoJudge(DecodingMethod):
         eos_token_ids: set[int],
         generator: torch.Generator | None = None,
     ) -> Generation:
-        check_generate_args(input_ids, max_new_tokens)
+        state = GenerationState(input_ids, max_new_tokens, eos_token_ids)
         if not sampling.greedy:
             raise InvalidParameterError(
                 f"autojudge is greedy (as in the paper) but temperature={sampling.temperature}: set temperature 0"
             )
         if draft is None or self.judge is None:
             raise InvalidParameterError("autojudge needs a draft model and a loaded judge (prepare() loads it)")
-        stats = GenerationStats()
-        stats.extra.update(judge_accepted=0, exact_accepted_tokens=0)
-        device = input_ids.device
-        vocab = min(vocab_width(target), vocab_width(draft))  # argmaxes on the shared ids only (see chain.py)
+        state.stats.extra.update(judge_accepted=0, exact_accepted_tokens=0)  # summed by every cycle
+        vocab = shared_vocab(target, draft)  # argmaxes on the shared ids only (see chain.py)
         drafter = ModelDrafter(hidden_states=True)  # the judge reads the draft's state at each drafted token
         drafter.begin(draft, vocab, input_device(draft))
-        target_cache = new_cache()
-        sequence: list[int] = input_ids[0].tolist()
-        prompt_len = len(sequence)
 
-        def rule(proposal: Proposal, verified: Verified) -> tuple[int, int]:
-            """Steps 3-4: the judge decides at each mismatch (counts go to the stats)."""
-            kept, token, judged, exact = self.judge_cycle(
-                proposal.tokens.tolist(), verified.logits.argmax(-1), proposal.hidden, verified.hidden[1:]
-            )
-            stats.extra["judge_accepted"] += judged
-            stats.extra["exact_accepted_tokens"] += exact
-            return kept, token
+        # Prefill: the first cycle; both models read the prompt in its forwards (no separate prefill forward).
+        with state.prefill():
+            self.cycle(state, target, drafter, vocab)
 
-        def cycle() -> None:
-            """Steps 1-4 once, as a chain cycle (src.decoding.chain; the first one also encodes the prompt)."""
-            k_step = min(self.k, max_new_tokens - (len(sequence) - prompt_len) - 1)
-            done = chain_cycle(target, target_cache, drafter, sequence, k_step, vocab, rule, eos_token_ids,
-                               with_hidden=True)
-            stats.draft_calls += done.proposal.forwards
-            stats.target_calls += 1
-            stats.record_step(drafted=k_step, accepted=done.accepted)
+        # Decode: one cycle per target forward until EOS or max_new_tokens.
+        with state.decode():
+            while not state.done:
+                self.cycle(state, target, drafter, vocab)
 
-        def finished() -> bool:
-            return len(sequence) - prompt_len >= max_new_tokens or sequence[-1] in eos_token_ids
-
-        run_cycles(stats, device, cycle, finished)
-
+        stats = state.stats
         cycles = len(stats.accepted_per_step)
         stats.extra["accepted_per_cycle_mean"] = stats.accepted_tokens / cycles if cycles else None
         stats.extra["exact_accepted_per_cycle_mean"] = stats.extra["exact_accepted_tokens"] / cycles if cycles else None
-        tokens = sequence[prompt_len:]
-        return Generation(tokens=tokens, stats=stats, stopped_by="eos" if tokens[-1] in eos_token_ids else "max_new_tokens")
+        return state.result()
+
+    def cycle(self, state: GenerationState, target, drafter: ModelDrafter, vocab: int) -> int:
+        """Steps 1-4 once; returns the drafts kept (exact matches and judge-accepted mismatches)."""
+        committed = len(state.sequence)
+        k = min(self.k, state.room - 1)  # a cycle emits at most k + 1 tokens
+        # Step 1: the draft proposes d_1..d_k greedily, with its hidden state at each.
+        with drafting():
+            proposal = drafter.propose(state.sequence, k, GREEDY, None)
+        # Step 2: one target forward: t_i = argmax p_i and the target's hidden state at each d_i.
+        verified = verify_chain(target, state.target_cache, state.sequence, proposal.tokens, vocab, with_hidden=True)
+        # Steps 3-4: the judge decides at each mismatch; emit the kept drafts and the token after them.
+        kept, token, judged, exact = self.judge_cycle(
+            proposal.tokens.tolist(), verified.logits.argmax(-1), proposal.hidden, verified.hidden[1:]
+        )
+        state.emit([*proposal.tokens[:kept].tolist(), token])
+        commit_chain(state.target_cache, drafter, committed, verified, kept)
+        state.record_cycle(proposal.forwards, k, kept)
+        state.stats.extra["judge_accepted"] += judged
+        state.stats.extra["exact_accepted_tokens"] += exact
+        return kept
 
     # ---------------------------------------------------------------- stages
 

@@ -1,4 +1,18 @@
-"""The interface every decoding method implements, and the model call they share."""
+"""The interface every decoding method implements, the model call they share, and the state of one generation.
+
+Every method's ``generate`` has the same shape (gpt-fast's ``generate``)::
+
+    state = GenerationState(input_ids, max_new_tokens, eos_token_ids)   # prologue: checks, counters, target cache
+    with state.prefill():                                                # Step 1: the prompt's forward(s)
+        ...
+    with state.decode():                                                 # Step 2: one cycle per target forward
+        while not state.done:
+            ...
+    return state.result()                                                # epilogue: stop reason, Generation
+
+and each cycle is a method of its own that emits what it accepted (:meth:`GenerationState.emit`) and records
+its counters (:meth:`GenerationState.record_cycle`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +20,15 @@ import functools
 import inspect
 import itertools
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
+from src.decoding.kv import new_cache
 from src.decoding.sampling import SamplingConfig
-from src.decoding.stats import Generation
+from src.decoding.stats import Generation, GenerationStats
+from src.decoding.timing import timed_stage
 from src.errors import InvalidParameterError
 
 
@@ -37,6 +54,11 @@ def vocab_width(model) -> int:
     if size is None:
         raise TypeError(f"cannot tell the vocabulary size of {type(model).__name__}: give it config.vocab_size")
     return int(size)
+
+
+def shared_vocab(target, draft) -> int:
+    """The ids p and q are compared on, [0, shared_vocab): both models' when a draft is given, else the target's."""
+    return min(vocab_width(target), vocab_width(draft)) if draft is not None else vocab_width(target)
 
 
 @functools.cache
@@ -173,3 +195,59 @@ def check_generate_args(input_ids: torch.Tensor, max_new_tokens: int) -> None:
         raise InvalidParameterError(f"input_ids must have shape (1, prompt_len>0), got {tuple(input_ids.shape)}")
     if max_new_tokens < 1:
         raise InvalidParameterError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")
+
+
+class GenerationState:
+    """One generation, as every method's ``generate`` sees it (see the module docstring).
+
+    ``sequence``: prompt + emitted tokens; ``target_cache``: the target's KV cache (the committed tokens it has
+    read); ``stats``: the counters. ``device`` is the target's input device (where ``input_ids`` lie).
+    """
+
+    def __init__(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int]) -> None:
+        check_generate_args(input_ids, max_new_tokens)
+        self.device = input_ids.device
+        self.sequence: list[int] = input_ids[0].tolist()
+        self.prompt_len = len(self.sequence)
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_ids = eos_token_ids
+        self.stats = GenerationStats()
+        self.target_cache = new_cache()
+
+    @property
+    def room(self) -> int:
+        """How many tokens may still be emitted."""
+        return self.max_new_tokens - (len(self.sequence) - self.prompt_len)
+
+    @property
+    def done(self) -> bool:
+        """After the prefill: the budget is spent or the last emitted token is an EOS."""
+        return self.room <= 0 or self.sequence[-1] in self.eos_token_ids
+
+    def emit(self, tokens: list[int]) -> None:
+        """Append ``tokens``, stopping right after an EOS (what follows it was never generated)."""
+        for token in tokens:
+            self.sequence.append(token)
+            if token in self.eos_token_ids:
+                break
+
+    def record_cycle(self, draft_forwards: int, drafted: int, accepted: int) -> None:
+        """One target verification: ``drafted`` draft tokens offered (along the chosen path), ``accepted`` kept,
+        ``draft_forwards`` draft forwards (or head steps) spent on them."""
+        self.stats.target_calls += 1
+        self.stats.draft_calls += draft_forwards
+        self.stats.record_step(drafted=drafted, accepted=accepted)
+
+    def prefill(self) -> AbstractContextManager[None]:
+        """Time the block as ``stats.prefill_s`` (:mod:`src.decoding.timing`)."""
+        return timed_stage(self.stats, "prefill", self.device)
+
+    def decode(self) -> AbstractContextManager[None]:
+        """Time the block as ``stats.decode_s``."""
+        return timed_stage(self.stats, "decode", self.device)
+
+    def result(self) -> Generation:
+        """The epilogue: the new tokens and why the generation stopped."""
+        tokens = self.sequence[self.prompt_len :]
+        stopped_by = "eos" if tokens[-1] in self.eos_token_ids else "max_new_tokens"
+        return Generation(tokens=tokens, stats=self.stats, stopped_by=stopped_by)

@@ -5,17 +5,29 @@ A drafter proposes; the verifier scores the proposal with one target forward and
 drafter is then told how much of the sequence was committed and rolls its own state back (a draft model's KV
 cache; prompt lookup has none). Neither reaches into the other's state.
 
+What a drafter can do is declared on its class (:class:`Drafter`'s capability attributes), and the verifiers
+read those declarations, never the drafter's type:
+
+    proposes_chains       propose(): a chain x_1..x_n with its q (SpeculativeSampling, AutoJudge)
+    offers_continuations  continuations(): deterministic branches, merged into a trie (SpecExec)
+    grows_trees           tree_growth(): a TreeGrowth whose q SpecExec's best-first growth ranks children by
+    needs_draft_model     every method's generate must be given a draft model
+    is_draft_model        the plain draft LM: the method keys stay ``speculative`` / ``specexec`` and its
+                          params are not recorded (earlier records keep their keys)
+
 Probability convention: ``q`` is the distribution a proposed token was drawn from. A deterministic proposal
 (prompt lookup, a greedy draft) has a one-hot ``q``; the chain verifier's rule then reads "accept x with
 probability p(x), else sample from p with x removed, renormalized", which is still exact.
 
 Implementations:
 
-- :class:`ModelDrafter`: a draft LM with its KV cache (the default of every draft method);
+- :class:`ModelDrafter`: a draft LM with its KV cache (the default of every draft method); its tree form is
+  :class:`ModelGrowth`;
 - :class:`PromptLookup`: n-gram lookup in the prompt and the text generated so far (Saxena 2023; HF's
   ``prompt_lookup_num_tokens`` / ``max_matching_ngram_size``): free, and strong where the output copies its
   input (summaries, retrieval-augmented answers, code edits). Its tree form offers several matches as sibling
-  branches for SpecExec's tree verification.
+  branches for SpecExec's tree verification;
+- :class:`src.decoding.eagle.EagleDrafter`: a trained head on the target's features (chains and trees).
 """
 
 from __future__ import annotations
@@ -28,9 +40,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from src.decoding.base import _cache_keyword, input_device, model_logits, model_logits_and_hidden
-from src.decoding.kv import cache_length, new_cache, truncate_cache
+from src.decoding.kv import cache_length, keep_after_prefix, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig, logits_to_probs, sample
-from src.errors import InvalidParameterError
+from src.decoding.tree import DraftTree, TreeGrowth, growth_mask, tree_position_ids
+from src.errors import InvalidParameterError, check_positive_int
 
 if TYPE_CHECKING:
     from src.decoding.token_map import TokenMap
@@ -53,10 +66,20 @@ class Proposal:
 
 
 class Drafter(ABC):
-    """Proposes tokens for a verifier. One instance serves one method; ``begin`` starts each generation."""
+    """Proposes tokens for a verifier. One instance serves one method; ``begin`` starts each generation.
+
+    The capability attributes below say what the drafter can do (see the module docstring); a drafter that
+    declares one implements the matching method, the others raise NotImplementedError naming the capability.
+    """
 
     name: str = "drafter"
+    # ---- capabilities, read by the verifiers
+    proposes_chains: bool = True  # propose()
+    offers_continuations: bool = False  # continuations()
+    grows_trees: bool = False  # tree_growth()
     needs_draft_model: bool = False
+    is_draft_model: bool = False
+    max_branches: int = 1  # sibling branches its continuations offer: a tree option (a chain takes one)
     needs_target_features: bool = False  # commit() then gets the target's features of the committed positions
     # which features: None = the final-norm last hidden state (EAGLE-1/2); target layer ids = the concatenated
     # inputs of those layers (EAGLE-3's aux layers). A drafter that reads them sets it by the end of begin().
@@ -79,7 +102,6 @@ class Drafter(ABC):
         """Start a generation: fresh state (cache, index) for a new prompt. ``target``: the verifier's model, for
         drafters that read it (a trained head uses its embeddings and lm_head)."""
 
-    @abstractmethod
     def propose(
         self,
         sequence: list[int],
@@ -89,13 +111,47 @@ class Drafter(ABC):
         stop_below: float = 0.0,
     ) -> Proposal:
         """Up to ``k`` tokens to follow ``sequence`` (prompt + committed tokens). ``stop_below``: a drafter with
-        a confidence stops once its confidence in its own token falls below it (0: never)."""
+        a confidence stops once its confidence in its own token falls below it (0: never). (``proposes_chains``)"""
+        raise NotImplementedError(f"drafter {self.name!r} proposes no chain (proposes_chains is False)")
 
     def commit(self, length: int, features: torch.Tensor | None = None) -> None:
         """The verifier kept ``sequence[:length]``: forget state about anything after it. ``features`` (only for
         drafters with ``needs_target_features``): the target's final-norm hidden states (m, H) of the positions it
         read and kept in this cycle, i.e. up to ``length - 1``."""
         return None
+
+    def continuations(self, sequence: list[int], depth: int, limit: int | None = None) -> list[list[int]]:
+        """Distinct continuations of ``sequence``, up to ``depth`` tokens each and at most ``limit`` (None:
+        ``max_branches``) of them, best first (``offers_continuations``)."""
+        raise NotImplementedError(f"drafter {self.name!r} offers no continuations (offers_continuations is False)")
+
+    def tree_growth(self, draft_model, vocab: int, device: torch.device, target=None) -> TreeGrowth:
+        """Start a generation of SpecExec's best-first growth: what scores the tree's children (``grows_trees``)."""
+        raise NotImplementedError(f"drafter {self.name!r} grows no tree (grows_trees is False)")
+
+    def tree_refusal(self) -> str | None:
+        """Why SpecExec cannot use this drafter as configured, as a one-line message naming the fix (None: it can)."""
+        if self.grows_trees or self.offers_continuations:
+            return None
+        return (f"drafter {self.name!r} has no tree form: use it with speculative sampling, or use PromptLookup, "
+                "EagleDrafter or the draft model with SpecExec")
+
+
+def greedy_token(logits: torch.Tensor, vocab: int, ids: torch.Tensor | None) -> torch.Tensor:
+    """The greedy draft token (1,) from logits (V_draft,), or (N,) over the subset ``ids`` (N,): the argmax over the
+    shared ids [0, vocab), or over the subset (its ids ascend, so a tie goes to the smaller id as in a full
+    argmax)."""
+    if ids is None:
+        return logits[:vocab].argmax(-1, keepdim=True)
+    return ids[logits.argmax(-1, keepdim=True)]
+
+
+def widen(logits: torch.Tensor, vocab: int, ids: torch.Tensor | None) -> torch.Tensor:
+    """Logits (..., V_draft) or (..., N) over the subset ``ids`` -> (..., vocab) over the shared ids: -inf outside
+    the subset, so that ``logits_to_probs`` warps them the one shared way and q is exactly 0 there."""
+    if ids is None:
+        return logits[..., :vocab]
+    return logits.new_full((*logits.shape[:-1], vocab), float("-inf")).index_copy_(-1, ids, logits)
 
 
 class ModelDrafter(Drafter):
@@ -111,12 +167,14 @@ class ModelDrafter(Drafter):
             to the rows of the most frequent ids of ``token_map`` plus the draft's EOS ids, so a draft forward
             skips most of its lm_head matmul (~20% of SmolLM2-135M's forward, most of a 128k-vocabulary draft's).
             q is then zero outside those ids and a greedy draft is the argmax among them; the verifier is exact
-            for any q, so the output is unchanged, only the acceptance may drop. None: every id.
+            for any q, so the output is unchanged, only the acceptance may drop. None: every id. Chains only.
         token_map: the JSON map ranking the ids (:mod:`src.decoding.token_map` builds it); set with top_tokens.
     """
 
     name = "draft_model"
     needs_draft_model = True
+    is_draft_model = True
+    grows_trees = True  # the full draft (ModelGrowth); a restricted one drafts chains only (set in __init__)
 
     def __init__(self, hidden_states: bool = False, *, top_tokens: int | None = None,
                  token_map: str | None = None) -> None:
@@ -124,6 +182,7 @@ class ModelDrafter(Drafter):
         self.top_tokens, self.token_map = top_tokens, token_map
         self.table: TokenMap | None = _read_subset_map(top_tokens, token_map)  # a bad file fails before any load
         self.head: RestrictedHead | None = None  # built by begin, reused while the draft model stays the same
+        self.grows_trees = top_tokens is None  # SpecExec ranks children over the full draft vocabulary
 
     def params(self) -> dict[str, Any]:
         """Empty unless restricted: records of the full-vocabulary draft keep their keys."""
@@ -148,19 +207,20 @@ class ModelDrafter(Drafter):
         drafts: list[torch.Tensor] = []  # (1,) each, left on the device: no host sync per draft token on a GPU
         q_rows: list[torch.Tensor] = []
         hidden_rows: list[torch.Tensor] = []
+        ids = self.head.ids if self.head is not None else None  # (N,) the subset, or None: every id
         step_input = torch.tensor([sequence[cache_length(self.cache) :]], device=self.device)  # (1, m >= 1)
         for _ in range(k):
             logits = self._forward(step_input, hidden_rows)  # (V_draft,), or (N,) over the subset ids
             if sampling.greedy:  # q is one-hot: the acceptance rule only needs the tokens
                 q_i = None
-                token = self._argmax(logits)  # (1,)
+                token = greedy_token(logits, self.vocab, ids)  # (1,)
             else:
-                q_i = logits_to_probs(self._widen(logits), sampling)  # (V,), zero outside a subset
+                q_i = logits_to_probs(widen(logits, self.vocab, ids), sampling)  # (V,), zero outside a subset
                 token = sample(q_i[None], generator)  # (1,)
                 q_rows.append(q_i)
             drafts.append(token)
             step_input = token[None]  # (1, 1)
-            if stop_below and _confidence(self._widen(logits), q_i, token, sampling) < stop_below:
+            if stop_below and _confidence(widen(logits, self.vocab, ids), q_i, token, sampling) < stop_below:
                 break  # the only per-token host sync, and only with a threshold
         forwards = len(drafts)
         hidden = None
@@ -187,22 +247,43 @@ class ModelDrafter(Drafter):
         hidden_rows.append(hidden[0, -1])
         return logits[0, -1]
 
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """The greedy draft token (1,): the argmax over the shared ids, or over the subset (its ids ascend, so a
-        tie goes to the smaller id as in a full argmax)."""
-        if self.head is None:
-            return logits[: self.vocab].argmax(-1, keepdim=True)
-        return self.head.ids[logits.argmax(-1, keepdim=True)]
-
-    def _widen(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits (V,) over the shared ids [0, vocab): -inf outside the subset when restricted, so that
-        ``logits_to_probs`` warps them the one shared way and q is exactly 0 there."""
-        if self.head is None:
-            return logits[: self.vocab]
-        return logits.new_full((self.vocab,), float("-inf")).index_copy_(0, self.head.ids, logits)
-
     def commit(self, length: int, features: torch.Tensor | None = None) -> None:
         truncate_cache(self.cache, length)
+
+    def tree_growth(self, draft_model, vocab: int, device: torch.device, target=None) -> ModelGrowth:
+        """The draft model grows SpecExec's tree from a fresh cache of its own (this drafter's chain state is
+        not used)."""
+        return ModelGrowth(draft_model, new_cache(), vocab, device)
+
+    def tree_refusal(self) -> str | None:
+        if self.top_tokens is not None:
+            return ("top_tokens restricts a chain drafter, but SpecExec grows its tree from the full draft: drop "
+                    "top_tokens / token_map, or use SpeculativeSampling")
+        return super().tree_refusal()
+
+
+class ModelGrowth(TreeGrowth):
+    """Tree growth on a draft model: its cache holds the committed prefix (root included) then the expanded
+    nodes (``slots``) in expansion order."""
+
+    def __init__(self, draft, cache, vocab: int, device: torch.device) -> None:
+        self.draft, self.cache, self.vocab, self.device = draft, cache, vocab, device
+
+    def root_logits(self, committed: list[int]) -> torch.Tensor:
+        """One causal forward over the committed tokens the draft has not cached (the root, plus the last
+        accepted node when the draft never ran on it): q(. | root) is the last row, (1, V)."""
+        chain = torch.tensor([committed[cache_length(self.cache) :]], device=self.device)  # (1, m)
+        return model_logits(self.draft, chain, self.cache, logits_to_keep=1)[0, -1:, : self.vocab]
+
+    def expand_logits(self, tree: DraftTree, batch: list[int], slots: list[int], root_position: int) -> torch.Tensor:
+        """q(. | path to node) for the b nodes of ``batch``, in one forward with a growth mask: (b, V)."""
+        mask = growth_mask(tree, batch, slots, root_position + 1).to(self.device)  # (1, 1, b, prefix + s + b)
+        positions = torch.tensor([tree_position_ids(tree, batch, root_position)], device=self.device)  # (1, b)
+        tokens = torch.tensor([[tree.tokens[node] for node in batch]], device=self.device)  # (1, b)
+        return model_logits(self.draft, tokens, self.cache, positions, mask)[0, :, : self.vocab]
+
+    def keep_path(self, prefix_len: int, kept_slots: list[int]) -> None:
+        keep_after_prefix(self.cache, prefix_len, kept_slots)
 
 
 def _read_subset_map(top_tokens: int | None, token_map: str | None) -> TokenMap | None:
@@ -215,8 +296,7 @@ def _read_subset_map(top_tokens: int | None, token_map: str | None) -> TokenMap 
         )
     if top_tokens is None:
         return None
-    if isinstance(top_tokens, bool) or not isinstance(top_tokens, int) or top_tokens < 1:
-        raise InvalidParameterError(f"top_tokens={top_tokens!r} is invalid: use an integer >= 1 (e.g. 16384)")
+    check_positive_int("top_tokens", top_tokens, "use an integer >= 1 (e.g. 16384)")
     # Imported here, not at the top: `python -m src.decoding.token_map` (its CLI) must find the module not yet
     # imported by the package (src.decoding -> speculative -> drafters), or runpy warns and runs it twice.
     from src.decoding.token_map import read_token_map
@@ -345,11 +425,11 @@ class PromptLookup(Drafter):
     """
 
     name = "prompt_lookup"
+    offers_continuations = True
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_branches: int = 1) -> None:
         for label, value in (("max_ngram", max_ngram), ("min_ngram", min_ngram), ("max_branches", max_branches)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidParameterError(f"{label}={value!r} is invalid: use an integer >= 1")
+            check_positive_int(label, value)
         if min_ngram > max_ngram:
             raise InvalidParameterError(
                 f"min_ngram={min_ngram} > max_ngram={max_ngram}: use min_ngram <= max_ngram (e.g. 1 and 3)"

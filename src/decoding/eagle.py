@@ -17,6 +17,10 @@ State of one generation, for a committed sequence x_0..x_{S-1}:
 
 The first cycle proposes nothing: the target has not encoded the prompt yet, so its forward is a plain prefill
 that returns the prompt's features (as in EAGLE).
+
+The head's file formats (:mod:`src.models.eagle`, :mod:`src.models.eagle_formats`) are imported inside the methods
+that read files: they load transformers' Llama modeling (seconds), which building the drafter from a config does
+not need.
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ from typing import Any
 
 import torch
 
-from src.decoding.drafters import Drafter, Proposal
+from src.decoding.drafters import Drafter, Proposal, greedy_token, widen
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import logits_to_probs, sample
+from src.decoding.tree import DraftTree, TreeGrowth, growth_mask, tree_position_ids
 from src.errors import InvalidParameterError, MissingInputError
 
 
-class EagleDrafter(Drafter):
+class EagleDrafter(Drafter, TreeGrowth):
     """Propose a chain with a trained EAGLE head (``python -m src fit --config configs/eagle1.yaml`` trains one).
 
     Args:
@@ -52,6 +57,7 @@ class EagleDrafter(Drafter):
             raise InvalidParameterError(f"head_path={head_path!r} is invalid: give the trained head's path")
         self.head_path = head_path
         self.head = None  # a src.models.eagle.EagleHead, loaded at the first begin() (it needs the target)
+        self.loaded_for = None  # the target the head was loaded for
         self.target_identity: dict[str, Any] | None = None
 
     def params(self) -> dict[str, Any]:
@@ -60,7 +66,7 @@ class EagleDrafter(Drafter):
     def input_files(self) -> list[str]:
         """The head's files (a run fingerprint hashes them); a head folder (any published layout) counts as its
         files; a ``hub:`` head is downloaded first (once, into the hub cache)."""
-        from src.models.eagle import head_files  # decoding stays importable without the head's file format
+        from src.models.eagle import head_files  # heavy (see the module docstring)
         from src.models.eagle_formats import resolve_head_path
 
         if not self.head_path:
@@ -73,7 +79,7 @@ class EagleDrafter(Drafter):
     def prepare(self, target_info: dict[str, Any] | None) -> None:
         """Before any prompt: the head must exist; the target's identity (name, dtype, revision) is kept so that
         a head trained for another target is refused when it loads."""
-        from src.models.eagle import TRAIN_HINT, head_files
+        from src.models.eagle import TRAIN_HINT, head_files  # heavy (see the module docstring)
         from src.models.eagle_formats import resolve_head_path
 
         self.target_identity = target_info
@@ -85,7 +91,7 @@ class EagleDrafter(Drafter):
             raise MissingInputError(f"head file {missing[0]} does not exist: {TRAIN_HINT}")
 
     def load(self, target) -> None:
-        from src.models.eagle_formats import load_head, resolve_head_path
+        from src.models.eagle_formats import load_head, resolve_head_path  # heavy (see the module docstring)
 
         if self.head_path is None:
             raise InvalidParameterError(
@@ -101,7 +107,7 @@ class EagleDrafter(Drafter):
     def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
         if target is None:
             raise InvalidParameterError("the eagle drafter reads the target's features: its verifier must pass target")
-        if self.head is None or getattr(self, "loaded_for", None) is not target:
+        if self.head is None or self.loaded_for is not target:
             self.load(target)
         self.vocab, self.device = vocab, device
         self.embed = self.head.embedding(target)  # the target's, unless the head ships its own
@@ -120,20 +126,16 @@ class EagleDrafter(Drafter):
         if self.known != length - 1:
             raise RuntimeError(f"eagle drafter holds {self.known} features for a sequence of {length} tokens")
         # Step 1: exact pairs (f_j, x_{j+1}) for j = exact_pairs .. S-2, in one head forward; its last row is f̂_{S-1}.
-        start = cache_length(self.cache)
-        features = self._unfed_features()  # (m, H): positions start .. S-2
-        tokens = torch.tensor(sequence[start + 1 :], device=self.device)  # (m,)
-        predicted = self._step(features, tokens, start)  # (H,)
-        self.exact_pairs = length - 1
+        predicted = self._read_exact_pairs(sequence)  # (H,)
         drafts: list[torch.Tensor] = []
         q_rows: list[torch.Tensor] = []
         # Step 2: k draft tokens; each further one reads (f̂, the previous draft token).
         for i in range(k):
-            logits = self.head.logits(predicted[None], self.lm_head.weight, getattr(self.lm_head, "bias", None))[0]
+            logits = self._head_logits(predicted[None])[0]  # (V_target,), or (N,) over the subset ids
             if sampling.greedy:
-                token = self._argmax(logits)  # (1,)
+                token = greedy_token(logits, self.vocab, self.ids)  # (1,)
             else:
-                q_i = logits_to_probs(self._widen(logits), sampling)  # (V,), zero outside the subset
+                q_i = logits_to_probs(widen(logits, self.vocab, self.ids), sampling)  # (V,), zero outside the subset
                 token = sample(q_i[None], generator)
                 q_rows.append(q_i)
             drafts.append(token)
@@ -144,26 +146,23 @@ class EagleDrafter(Drafter):
 
     # ---------------------------------------------------------------- tree form (SpecExec, EAGLE-2)
 
+    def tree_growth(self, draft_model, vocab: int, device: torch.device, target=None) -> EagleDrafter:
+        """The head grows SpecExec's tree itself: a generation starts as for a chain (it reads no draft model)."""
+        self.begin(None, vocab, device, target=target)
+        return self
+
     def root_logits(self, sequence: list[int]) -> torch.Tensor | None:
         """q(. | committed) over the shared ids (1, V), from the exact pairs' forward; None in the first
         iteration (the target's prefill). Keeps f̂ of the root for its children."""
-        length = len(sequence)
         if self.known == 0:
             return None
-        start = cache_length(self.cache)
-        features = self._unfed_features()  # (m, H): positions start .. S-2
-        tokens = torch.tensor(sequence[start + 1 :], device=self.device)  # (m,)
-        self.root_position = length - 1
-        self.exact_pairs = length - 1
-        self.node_features = {0: self._step(features, tokens, start)}  # node id -> its f̂ (H,)
+        self.node_features = {0: self._read_exact_pairs(sequence)}  # node id -> its f̂ (H,)
         return self._widened_logits(self.node_features[0][None])
 
-    def expand_logits(self, tree, batch: list[int], slots: list[int], root_position: int) -> torch.Tensor:
+    def expand_logits(self, tree: DraftTree, batch: list[int], slots: list[int], root_position: int) -> torch.Tensor:
         """q(. | path to node) (b, V) for the b nodes of ``batch`` in one head forward: node n at depth d reads
         (f̂ of its parent, its token) at pair index root_position + d - 1, and sees the exact pairs, its expanded
         ancestors and itself."""
-        from src.decoding.tree import growth_mask, tree_position_ids
-
         parents = [self.node_features[int(tree.parents[node])] for node in batch]
         features = torch.stack(parents)[None]  # (1, b, H)
         tokens = torch.tensor([[tree.tokens[node] for node in batch]], device=self.device)  # (1, b)
@@ -173,6 +172,16 @@ class EagleDrafter(Drafter):
                         cache=self.cache, attention_mask=mask)[0]  # (b, H)
         self.node_features.update(zip(batch, out))
         return self._widened_logits(out)
+
+    def _read_exact_pairs(self, sequence: list[int]) -> torch.Tensor:
+        """One head forward over the exact pairs (f_j, x_{j+1}) it has not read, j = exact_pairs .. S-2 (S =
+        len(sequence)); returns its last output f̂_{S-1} (H,), which predicts the token after the sequence."""
+        start = cache_length(self.cache)
+        features = self._unfed_features()  # (m, H): positions start .. S-2
+        tokens = torch.tensor(sequence[start + 1 :], device=self.device)  # (m,)
+        predicted = self._step(features, tokens, start)  # (H,)
+        self.exact_pairs = len(sequence) - 1
+        return predicted
 
     def _unfed_features(self) -> torch.Tensor:
         """The exact features of positions cache_length .. known - 1, (m, H), cut from the newest blocks only (the
@@ -187,13 +196,13 @@ class EagleDrafter(Drafter):
         blocks.reverse()
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
+    def _head_logits(self, predicted: torch.Tensor) -> torch.Tensor:
+        """(b, H) -> (b, V_target), or (b, N) over the head's vocabulary subset: the target's lm_head on f̂."""
+        return self.head.logits(predicted, self.lm_head.weight, getattr(self.lm_head, "bias", None))
+
     def _widened_logits(self, predicted: torch.Tensor) -> torch.Tensor:
         """(b, H) -> (b, V): the head's logits, -inf outside its vocabulary subset."""
-        logits = self.head.logits(predicted, self.lm_head.weight, getattr(self.lm_head, "bias", None))
-        if self.ids is None:
-            return logits[:, : self.vocab]
-        wide = logits.new_full((logits.shape[0], self.vocab), float("-inf"))
-        return wide.index_copy_(1, self.ids, logits)
+        return widen(self._head_logits(predicted), self.vocab, self.ids)
 
     def _step(self, features: torch.Tensor, tokens: torch.Tensor, position: int) -> torch.Tensor:
         """Head forward over pairs at positions ``position``..: features (m, H), tokens (m,) -> f̂ of the last (H,)."""
@@ -202,16 +211,6 @@ class EagleDrafter(Drafter):
         embeddings = self.embed(tokens[None])  # (1, m, H)
         out = self.head(features[None].to(embeddings.dtype), embeddings, position_ids=positions, cache=self.cache)
         return out[0, -1]
-
-    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.ids is None:
-            return logits[: self.vocab].argmax(-1, keepdim=True)
-        return self.ids[logits.argmax(-1, keepdim=True)]
-
-    def _widen(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.ids is None:
-            return logits[: self.vocab]
-        return logits.new_full((self.vocab,), float("-inf")).index_copy_(0, self.ids, logits)
 
     def commit(self, length: int, features: torch.Tensor | None = None) -> None:
         """Keep exact pairs only, and take the target's features of the newly committed positions."""

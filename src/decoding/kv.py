@@ -127,6 +127,16 @@ def keep_cache_positions(cache: DynamicCache, start: int, keep: torch.Tensor) ->
         layer.values = torch.cat([layer.values[..., :start, :], kept_values], dim=-2)
 
 
+def keep_after_prefix(cache: DynamicCache, prefix_len: int, keep: list[int]) -> None:
+    """Keep the cache's first ``prefix_len`` entries then entries prefix_len + keep[i], in that order.
+    When those already follow the prefix (nothing accepted, or the first tree entries), a truncation does
+    the same without gathering."""
+    if keep == list(range(len(keep))):
+        truncate_cache(cache, prefix_len + len(keep))
+    else:
+        keep_cache_positions(cache, prefix_len, torch.tensor(keep, dtype=torch.long))
+
+
 def cache_entries(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's (keys, values), (batch, kv_heads, seq, head_dim): views of what the cache holds."""
     return [(layer.keys, layer.values) for layer in _layers(cache)]

@@ -25,7 +25,7 @@ import torch
 from src.decoding.base import input_device, model_logits, model_logits_and_hidden
 from src.decoding.kv import cache_length, new_cache, truncate_cache
 from src.decoding.sampling import SamplingConfig
-from src.decoding.stats import synchronize
+from src.decoding.timing import synchronize
 
 REPEATS = 3  # timed forwards per size (after one warm-up); the median is kept
 DRAFT_CHAIN = 8  # tokens a drafter proposes per timed step

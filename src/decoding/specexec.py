@@ -15,6 +15,10 @@ c. **Sample exactly from p**: draw t ~ p(. | root); while t is a child of the cu
    whatever the tree: the method is lossless at any temperature / top-k / top-p, and greedy reproduces the
    target's greedy output. The tree only decides how many draws one target forward pays for.
 d. **Compact** both KV caches to prefix + accepted path with :func:`keep_cache_positions`.
+
+What grows the tree is declared by the drafter (:mod:`src.decoding.drafters`): one that ``grows_trees`` hands out a
+:class:`~src.decoding.tree.TreeGrowth` (the draft model's, or an EAGLE head's: EAGLE-2) grown best-first as in a;
+one that ``offers_continuations`` (prompt lookup) gives deterministic branches merged into a trie instead.
 """
 
 from __future__ import annotations
@@ -26,19 +30,19 @@ import torch
 
 from src.decoding.base import (
     DecodingMethod,
-    check_generate_args,
+    GenerationState,
     input_device,
     model_logits,
     model_logits_and_hidden,
-    vocab_width,
+    shared_vocab,
 )
 from src.decoding.drafters import Drafter, ModelDrafter
-from src.decoding.kv import cache_length, keep_cache_positions, new_cache, truncate_cache
+from src.decoding.kv import cache_length, keep_after_prefix
 from src.decoding.sampling import SamplingConfig, logits_to_probs, next_token
-from src.decoding.stats import Generation, GenerationStats, run_cycles
+from src.decoding.stats import Generation
 from src.decoding.timing import drafting
-from src.decoding.tree import DraftTree, growth_mask, tree_position_ids, verify_mask
-from src.errors import InvalidParameterError
+from src.decoding.tree import DraftTree, TreeGrowth, tree_position_ids, verify_mask
+from src.errors import InvalidParameterError, check_positive_int
 
 # Tree scoring under greedy decoding (see SpecExec.scoring): a sharpened draft softmax. On the embedded pair
 # (fp32 target, bf16 draft; 10 MT-Bench prompts, 64 tokens, budget 16 / depth 8) temperature 1.0 gave 5.8 tokens
@@ -96,8 +100,7 @@ class SpecExec(DecodingMethod):
             ("max_beams", max_beams),
             ("max_branch_width", max_branch_width),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidParameterError(f"{label}={value!r} is invalid: use an integer >= 1")
+            check_positive_int(label, value)
         if not 0.0 <= prune_threshold < 1.0:
             raise InvalidParameterError(
                 f"prune_threshold={prune_threshold!r} is outside [0, 1): use 0.0 to disable pruning or e.g. 1e-4"
@@ -113,30 +116,22 @@ class SpecExec(DecodingMethod):
             )
         self.scoring_temperature = scoring_temperature
         self.drafter = drafter if drafter is not None else ModelDrafter()
+        refusal = self.drafter.tree_refusal()  # neither grows trees nor offers continuations (as configured)
+        if refusal is not None:
+            raise InvalidParameterError(refusal)
         growth = {"max_beams": (max_beams, 8), "max_branch_width": (max_branch_width, 8),
                   "prune_threshold": (prune_threshold, 0.0), "scoring_temperature": (scoring_temperature, None)}
         changed = [f"{name}={value!r}" for name, (value, default) in growth.items() if value != default]
-        grows = isinstance(self.drafter, ModelDrafter) or getattr(self.drafter, "grows_trees", False)
-        if not grows and changed:
+        if not self.drafter.grows_trees and changed:
             raise InvalidParameterError(
                 f"{', '.join(changed)} shape a draft model's best-first growth, but the drafter is "
                 f"{self.drafter.name!r}: drop them (its tree is set by budget, max_depth and the drafter's own options)"
-            )
-        if isinstance(self.drafter, ModelDrafter) and getattr(self.drafter, "top_tokens", None) is not None:
-            raise InvalidParameterError(
-                "top_tokens restricts a chain drafter, but SpecExec grows its tree from the full draft: drop "
-                "top_tokens / token_map, or use SpeculativeSampling"
-            )
-        if not grows and not hasattr(self.drafter, "continuations"):
-            raise InvalidParameterError(
-                f"drafter {self.drafter.name!r} has no tree form: use it with speculative sampling, or use "
-                "PromptLookup, EagleDrafter or the draft model with SpecExec"
             )
 
     @property
     def name(self) -> str:
         """``specexec`` with a draft model (existing results keep their method key), else ``specexec+<drafter>``."""
-        return "specexec" if isinstance(self.drafter, ModelDrafter) else f"specexec+{self.drafter.name}"
+        return "specexec" if self.drafter.is_draft_model else f"specexec+{self.drafter.name}"
 
     @property
     def needs_draft(self) -> bool:
@@ -155,12 +150,13 @@ class SpecExec(DecodingMethod):
         }
         if self.scoring_temperature is not None:  # only when set: earlier results keep their resume keys
             params["scoring_temperature"] = self.scoring_temperature
-        if getattr(self.drafter, "grows_trees", False):  # a trained head grows the tree best-first too
-            params = {**params, "drafter": self.drafter.name, **self.drafter.params()}
-        elif not isinstance(self.drafter, ModelDrafter):  # the tree comes from the drafter: only these shape it
-            params = {"budget": self.budget, "max_depth": self.max_depth, "drafter": self.drafter.name,
-                      **self.drafter.params()}
-        return params
+        if self.drafter.is_draft_model:  # earlier results keep their resume keys
+            return params
+        if self.drafter.grows_trees:  # a trained head grows the tree best-first too
+            return {**params, "drafter": self.drafter.name, **self.drafter.params()}
+        # the tree comes from the drafter's continuations: only these shape it
+        return {"budget": self.budget, "max_depth": self.max_depth, "drafter": self.drafter.name,
+                **self.drafter.params()}
 
     def input_files(self) -> list[str]:
         """A trained head's files: hashed into the run fingerprint."""
@@ -194,81 +190,94 @@ class SpecExec(DecodingMethod):
         eos_token_ids: set[int],
         generator: torch.Generator | None = None,
     ) -> Generation:
-        check_generate_args(input_ids, max_new_tokens)
+        state = GenerationState(input_ids, max_new_tokens, eos_token_ids)
         if draft is None and self.needs_draft:
             raise InvalidParameterError(
                 "specexec needs a draft model: configure one, or use the baseline method"
             )
-        device = input_ids.device  # the target's input device
-        draft_device = input_device(draft) if draft is not None else device
-        vocab = min(vocab_width(target), vocab_width(draft)) if draft is not None else vocab_width(target)
+        vocab = shared_vocab(target, draft)
         scoring = self.scoring(sampling)
-        stop_tokens = frozenset(eos_token_ids)
         tree = DraftTree(self.tree_capacity(vocab))
-        target_cache, draft_cache = new_cache(), new_cache()
-        head = self.drafter if getattr(self.drafter, "grows_trees", False) else None  # an EAGLE head
-        if head is not None:
-            head.begin(None, vocab, device, target=target)
-            draft_cache = None  # the head keeps its own cache (exact pairs only) and rolls it back at commit
-        committed = input_ids[0].tolist()  # prompt + emitted tokens; the last one (the root) is in no cache
-        tokens: list[int] = []
-        stats = GenerationStats()
-        log: dict[str, list[int]] = {key: [] for key in _PER_ITERATION}
+        growth = None  # a drafter with continuations builds its trees without one
+        if self.drafter.grows_trees:  # the draft model runs on its own device, a head on the target's
+            device = input_device(draft) if self.drafter.needs_draft_model else state.device
+            growth = self.drafter.tree_growth(draft, vocab, device, target=target)
+        state.stats.extra.update({key: [] for key in _PER_ITERATION})  # one entry per iteration
 
-        def iteration() -> None:
-            """Steps a-d once (the first one also encodes the prompt in both models: no separate prefill forward)."""
-            # A tree path of depth d yields at most d + 1 tokens: cap d by what may still be emitted.
-            depth_cap = min(self.max_depth, max_new_tokens - len(tokens) - 1)
-            tree.reset(committed[-1], depth_cap, stop_tokens)
+        # Prefill: the first iteration; the draft reads the prompt as it grows the first tree, the target as it
+        # verifies it (no separate prefill forward).
+        with state.prefill():
+            self.iteration(state, target, tree, growth, vocab, scoring, sampling, generator)
+
+        # Decode: grow, verify, walk, compact until EOS or max_new_tokens.
+        with state.decode():
+            while not state.done:
+                self.iteration(state, target, tree, growth, vocab, scoring, sampling, generator)
+        state.stats.extra.update(_summarize(state.stats.extra))
+        return state.result()
+
+    def iteration(
+        self,
+        state: GenerationState,
+        target,
+        tree: DraftTree,
+        growth: TreeGrowth | None,
+        vocab: int,
+        scoring: SamplingConfig,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> list[int]:
+        """Steps a-d once; returns the accepted tree nodes (the token drawn after leaving the tree is emitted too)."""
+        committed = state.sequence  # prompt + emitted tokens; the last one (the root) is in no cache
+        # A tree path of depth d yields at most d + 1 tokens: cap d by what may still be emitted.
+        depth_cap = min(self.max_depth, state.room - 1)
+        tree.reset(committed[-1], depth_cap, frozenset(state.eos_token_ids))
+
+        # Step a: grow the tree (best-first on the grower's q, or the drafter's continuations as a trie).
+        with drafting():
+            if growth is not None:
+                slots, draft_forwards, generated = self._grow_tree(growth, tree, committed, scoring)
+            else:
+                slots, draft_forwards, generated = [], 0, self._branch_tree(tree, committed, depth_cap, vocab)
+        nodes = tree.node_ids()  # n drafted nodes, in creation order
+
+        # Step b: one target forward verifies the whole tree: p at the root and at every node.
+        cached = cache_length(state.target_cache)
+        with_features = self.drafter.needs_target_features  # a head reads the target's features of the path
+        logits, features = self._verify_tree(target, state.target_cache, tree, nodes, committed, vocab,
+                                             state.device, with_features)  # (1 + n, V), (m + n, H) | None
+
+        # Step c: sample exactly from p along the tree; step d: keep prefix + accepted path in the caches.
+        emitted, accepted = self._walk_tree(tree, nodes, logits, sampling, generator, state.eos_token_ids)
+        prefix_len = len(committed)
+        self._compact_caches(state.target_cache, growth, nodes, slots, accepted, prefix_len)
+        if with_features:  # the target's features of the chain and the accepted path, in position order
+            m, row_of = prefix_len - cached, {node: i for i, node in enumerate(nodes)}
+            rows = list(range(m)) + [m + row_of[node] for node in accepted]
             with drafting():
-                if self.needs_draft or head is not None:
-                    grower = head if head is not None else ModelGrowth(draft, draft_cache, vocab, draft_device)
-                    slots, draft_forwards, generated = self._grow_tree(grower, tree, committed, scoring)
-                else:
-                    slots, draft_forwards, generated = [], 0, self._branch_tree(tree, committed, depth_cap, vocab)
-            nodes = tree.node_ids()  # n drafted nodes, in creation order
-            cached = cache_length(target_cache)
-            logits, features = self._verify_tree(target, target_cache, tree, nodes, committed, vocab, device,
-                                                 with_hidden=head is not None)  # (1 + n, V), (m + n, H) | None
-            emitted, accepted = self._walk_tree(tree, nodes, logits, sampling, generator, eos_token_ids)
-            self._compact_caches(target_cache, draft_cache, nodes, slots, accepted, len(committed))
-            if head is not None:  # the target's features of the chain and the accepted path, in position order
-                m, row_of = len(committed) - cached, {node: i for i, node in enumerate(nodes)}
-                rows = list(range(m)) + [m + row_of[node] for node in accepted]
-                with drafting():
-                    head.commit(len(committed) + len(accepted), features[rows])
-            committed.extend(emitted)
-            tokens.extend(emitted)
+                self.drafter.commit(prefix_len + len(accepted), features[rows])
+        state.emit(emitted)
 
-            stats.target_calls += 1
-            stats.draft_calls += draft_forwards
-            tree_depth = tree.depth(nodes)
-            stats.record_step(drafted=tree_depth, accepted=len(accepted))
-            for key, value in (
-                ("tree_size", len(nodes)),
-                ("tree_depth", tree_depth),
-                ("draft_forwards", draft_forwards),
-                ("accepted_length", len(accepted)),
-                ("leaves", tree.leaves(nodes)),
-                ("candidates_generated", generated),
-                ("candidates_kept", len(nodes)),
-            ):
-                log[key].append(value)
-
-        # Step 1: the first iteration is the prefill (the draft reads the prompt as it grows the first tree, the
-        # target as it verifies it); Step 2: grow, verify, walk, compact until EOS or max_new_tokens.
-        run_cycles(stats, device, iteration, lambda: tokens[-1] in eos_token_ids or len(tokens) >= max_new_tokens)
-        stats.extra.update(log)
-        stats.extra.update(_summarize(log))
-        stopped_by = "eos" if tokens[-1] in eos_token_ids else "max_new_tokens"
-        return Generation(tokens=tokens, stats=stats, stopped_by=stopped_by)
+        tree_depth = tree.depth(nodes)
+        state.record_cycle(draft_forwards, drafted=tree_depth, accepted=len(accepted))
+        for key, value in (
+            ("tree_size", len(nodes)),
+            ("tree_depth", tree_depth),
+            ("draft_forwards", draft_forwards),
+            ("accepted_length", len(accepted)),
+            ("leaves", tree.leaves(nodes)),
+            ("candidates_generated", generated),
+            ("candidates_kept", len(nodes)),
+        ):
+            state.stats.extra[key].append(value)
+        return accepted
 
     # ----------------------------------------------------------------------------------- stage a: grow
     def _grow_tree(
-        self, grower, tree: DraftTree, committed: list[int], scoring: SamplingConfig
+        self, grower: TreeGrowth, tree: DraftTree, committed: list[int], scoring: SamplingConfig
     ) -> tuple[list[int], int, int]:
-        """Best-first growth. ``grower`` scores children: the draft model (:class:`ModelGrowth`) or a trained
-        head (``EagleDrafter``). Returns (slots, draft forwards, candidates generated), where ``slots`` lists the
+        """Best-first growth. ``grower`` scores children: the draft model's (``ModelGrowth``) or a trained head's
+        (``EagleDrafter``). Returns (slots, draft forwards, candidates generated), where ``slots`` lists the
         expanded non-root nodes in the order their KV entries follow the prefix in the grower's cache."""
         slots: list[int] = []
         if not tree.pop_frontier(1):
@@ -408,7 +417,8 @@ class SpecExec(DecodingMethod):
     # ----------------------------------------------------------------------------------- stage d: compact
     @staticmethod
     def _compact_caches(
-        target_cache, draft_cache, nodes: list[int], slots: list[int], accepted: list[int], prefix_len: int
+        target_cache, growth: TreeGrowth | None, nodes: list[int], slots: list[int], accepted: list[int],
+        prefix_len: int,
     ) -> None:
         """Keep prefix + accepted path in both caches (the last emitted token stays uncached: the next root).
 
@@ -418,52 +428,22 @@ class SpecExec(DecodingMethod):
         prefix, where a sequential decode would have put them: the d-th accepted node (depth d) was computed at
         position root_position + d = prefix_len - 1 + d and lands at index prefix_len + d - 1, so the cache is
         contiguous again and its rotary encodings stay valid.
-        Draft: it holds the prefix then ``slots`` (expanded nodes, in expansion order). Only expanded nodes have
-        entries, and on an accepted path they form a prefix of it (a node exists only once its parent was
-        expanded): the draft keeps that prefix and is fed the remaining committed tokens at the next root.
+        Grower: its cache holds the prefix then ``slots`` (expanded nodes, in expansion order). Only expanded
+        nodes have entries, and on an accepted path they form a prefix of it (a node exists only once its parent
+        was expanded): the grower keeps that prefix (:meth:`TreeGrowth.keep_path`) and is fed the remaining
+        committed tokens at the next root.
         """
         if nodes:
             index_of = {node: i for i, node in enumerate(nodes)}
-            _keep_after_prefix(target_cache, prefix_len, [index_of[node] for node in accepted])
-        if slots and draft_cache is not None:
+            keep_after_prefix(target_cache, prefix_len, [index_of[node] for node in accepted])
+        if slots:
             slot_of = {node: i for i, node in enumerate(slots)}
             kept: list[int] = []
             for node in accepted:
                 if node not in slot_of:
                     break
                 kept.append(slot_of[node])
-            _keep_after_prefix(draft_cache, prefix_len, kept)
-
-
-class ModelGrowth:
-    """Tree growth on a draft model: its cache holds the committed prefix (root included) then the expanded
-    nodes (``slots``) in expansion order."""
-
-    def __init__(self, draft, cache, vocab: int, device: torch.device) -> None:
-        self.draft, self.cache, self.vocab, self.device = draft, cache, vocab, device
-
-    def root_logits(self, committed: list[int]) -> torch.Tensor:
-        """One causal forward over the committed tokens the draft has not cached (the root, plus the last
-        accepted node when the draft never ran on it): q(. | root) is the last row, (1, V)."""
-        chain = torch.tensor([committed[cache_length(self.cache) :]], device=self.device)  # (1, m)
-        return model_logits(self.draft, chain, self.cache, logits_to_keep=1)[0, -1:, : self.vocab]
-
-    def expand_logits(self, tree: DraftTree, batch: list[int], slots: list[int], root_position: int) -> torch.Tensor:
-        """q(. | path to node) for the b nodes of ``batch``, in one forward with a growth mask: (b, V)."""
-        mask = growth_mask(tree, batch, slots, root_position + 1).to(self.device)  # (1, 1, b, prefix + s + b)
-        positions = torch.tensor([tree_position_ids(tree, batch, root_position)], device=self.device)  # (1, b)
-        tokens = torch.tensor([[tree.tokens[node] for node in batch]], device=self.device)  # (1, b)
-        return model_logits(self.draft, tokens, self.cache, positions, mask)[0, :, : self.vocab]
-
-
-def _keep_after_prefix(cache, prefix_len: int, keep: list[int]) -> None:
-    """Keep the cache's first ``prefix_len`` entries then entries prefix_len + keep[i], in that order.
-    When those already follow the prefix (nothing accepted, or the first tree entries), a truncation does
-    the same without gathering."""
-    if keep == list(range(len(keep))):
-        truncate_cache(cache, prefix_len + len(keep))
-    else:
-        keep_cache_positions(cache, prefix_len, torch.tensor(keep, dtype=torch.long))
+            growth.keep_path(prefix_len, kept)
 
 
 _PER_ITERATION = (
@@ -478,7 +458,7 @@ _PER_ITERATION = (
 
 
 def _summarize(log: dict[str, list[int]]) -> dict[str, float | int | None]:
-    """Per-generation tree statistics from the per-iteration lists."""
+    """Per-generation tree statistics from the per-iteration lists (``stats.extra``, keys ``_PER_ITERATION``)."""
     iterations = len(log["tree_size"])
     generated = sum(log["candidates_generated"])
     kept = sum(log["candidates_kept"])

@@ -25,10 +25,10 @@ The prompt is not prefilled on its own: the first cycle feeds it to both models,
 chain right after it and the target's first forward both encodes the prompt and verifies that chain (as HF
 assisted generation does), which saves one target forward per generation.
 
-The cycle itself (propose, verify, decide, commit, and the cache bookkeeping) is :func:`src.decoding.chain.
-chain_cycle`, shared with AutoJudge and its label mining; this file holds the acceptance rule and the schedule.
-What proposes the chain is a drafter (:mod:`src.decoding.drafters`): a draft model by default, or prompt lookup,
-whose deterministic proposals have a one-hot q.
+:meth:`SpeculativeSampling.cycle` is one cycle (propose, verify, decide, commit); its stages other than the
+acceptance rule are :mod:`src.decoding.chain`'s, shared with AutoJudge. What proposes the chain is a drafter
+(:mod:`src.decoding.drafters`): a draft model by default, prompt lookup (whose deterministic proposals have a
+one-hot q) or an EAGLE head.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from typing import Any, Literal
 
 import torch
 
-from src.decoding.base import DecodingMethod, check_generate_args, input_device, vocab_width
-from src.decoding.chain import Verified, chain_cycle
-from src.decoding.drafters import Drafter, ModelDrafter, Proposal
-from src.decoding.kv import new_cache
+from src.decoding.base import DecodingMethod, GenerationState, input_device, shared_vocab
+from src.decoding.chain import check_chain_length, commit_chain, verify_chain
+from src.decoding.drafters import Drafter, ModelDrafter
 from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
-from src.decoding.stats import Generation, GenerationStats, run_cycles
-from src.errors import InvalidParameterError
+from src.decoding.stats import Generation
+from src.decoding.timing import drafting
+from src.errors import InvalidParameterError, check_positive_int
 
 
 class SpeculativeSampling(DecodingMethod):
@@ -77,23 +77,25 @@ class SpeculativeSampling(DecodingMethod):
         confidence_threshold: float = 0.0,
         drafter: Drafter | None = None,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidParameterError(f"k={k!r} is invalid: use k >= 1 draft tokens per target call")
+        check_chain_length(k)
         if schedule not in ("constant", "heuristic"):
             raise InvalidParameterError(f"schedule={schedule!r} is unknown: use 'constant' or 'heuristic'")
-        if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < k:
-            raise InvalidParameterError(f"max_k={max_k!r} is invalid: use an integer >= k ({k})")
+        check_positive_int("max_k", max_k, f"use an integer >= k ({k})", minimum=k)
         if not 0.0 <= confidence_threshold < 1.0:
             raise InvalidParameterError(
                 f"confidence_threshold={confidence_threshold!r} is outside [0, 1): use 0 to disable it or e.g. 0.4"
             )
         self.drafter = drafter if drafter is not None else ModelDrafter()
+        if not self.drafter.proposes_chains:
+            raise InvalidParameterError(
+                f"drafter {self.drafter.name!r} proposes no chain: use it with src.decoding.specexec.SpecExec"
+            )
         if confidence_threshold and not self.drafter.needs_draft_model:
             raise InvalidParameterError(
                 f"confidence_threshold={confidence_threshold} reads a draft model's probabilities, but the drafter is "
                 f"{self.drafter.name!r}: drop confidence_threshold"
             )
-        if getattr(self.drafter, "max_branches", 1) != 1:
+        if self.drafter.max_branches != 1:
             raise InvalidParameterError(
                 f"max_branches={self.drafter.max_branches} is a tree option, but speculative sampling verifies a "
                 "chain: drop max_branches, or use src.decoding.specexec.SpecExec with this drafter"
@@ -106,7 +108,7 @@ class SpeculativeSampling(DecodingMethod):
     @property
     def name(self) -> str:
         """``speculative`` with a draft model (existing results keep their method key), else ``speculative+<drafter>``."""
-        return "speculative" if isinstance(self.drafter, ModelDrafter) else f"speculative+{self.drafter.name}"
+        return "speculative" if self.drafter.is_draft_model else f"speculative+{self.drafter.name}"
 
     @property
     def needs_draft(self) -> bool:
@@ -119,7 +121,7 @@ class SpeculativeSampling(DecodingMethod):
             params.update(schedule=self.schedule, max_k=self.max_k)
         if self.confidence_threshold:
             params["confidence_threshold"] = self.confidence_threshold
-        if not isinstance(self.drafter, ModelDrafter):
+        if not self.drafter.is_draft_model:
             params["drafter"] = self.drafter.name
         params.update(self.drafter.params())  # {} for a plain draft model: earlier resume keys stay valid
         return params
@@ -152,44 +154,54 @@ class SpeculativeSampling(DecodingMethod):
         eos_token_ids: set[int],
         generator: torch.Generator | None = None,
     ) -> Generation:
-        check_generate_args(input_ids, max_new_tokens)
+        state = GenerationState(input_ids, max_new_tokens, eos_token_ids)
         if draft is None and self.drafter.needs_draft_model:
             raise InvalidParameterError("draft=None: speculative sampling needs a draft model (set one in the model pair)")
-        stats = GenerationStats()
-        target_cache = new_cache()
-        sequence: list[int] = input_ids[0].tolist()  # prompt + emitted tokens
-        prompt_len = len(sequence)
-        device = input_ids.device  # the target's input device (as in Baseline)
         # p and q live on the shared ids [0, vocab): draft models of one family may pad their output differently
-        vocab = min(vocab_width(target), vocab_width(draft)) if draft is not None else vocab_width(target)
-        self.drafter.begin(draft, vocab, input_device(draft) if draft is not None else device, target=target)
+        vocab = shared_vocab(target, draft)
+        self.drafter.begin(draft, vocab, input_device(draft) if draft is not None else state.device, target=target)
         k = self.k  # this cycle's chain length (the schedule may change it)
 
-        def rule(proposal: Proposal, verified: Verified) -> tuple[int, int]:
-            p = logits_to_probs(verified.logits, sampling)  # (n + 1, vocab)
-            return self.accept(proposal.tokens, p, proposal.q, sampling, generator)
+        # Prefill: the first cycle; the draft reads the prompt as it proposes the first chain, and the target's
+        # first forward both encodes the prompt and verifies that chain (one target forward saved).
+        with state.prefill():
+            drafted, accepted = self.cycle(state, target, k, vocab, sampling, generator)
 
-        def cycle() -> None:
-            """One chain cycle (src.decoding.chain; the first one also encodes the prompt)."""
-            nonlocal k
-            # A cycle emits at most k + 1 tokens: never draft what could not be emitted.
-            k_step = min(k, max_new_tokens - (len(sequence) - prompt_len) - 1)
-            done = chain_cycle(target, target_cache, self.drafter, sequence, k_step, vocab, rule, eos_token_ids,
-                               sampling, generator, self.confidence_threshold)
-            drafted = done.proposal.tokens.numel()
-            stats.draft_calls += done.proposal.forwards
-            stats.target_calls += 1
-            stats.record_step(drafted=drafted, accepted=done.accepted)
-            k = self.next_k(k, drafted, done.accepted)
+        # Decode: one cycle per target forward until EOS or max_new_tokens; the schedule sets each cycle's k.
+        with state.decode():
+            while not state.done:
+                k = self.next_k(k, drafted, accepted)
+                drafted, accepted = self.cycle(state, target, k, vocab, sampling, generator)
+        return state.result()
 
-        def finished() -> bool:
-            return len(sequence) - prompt_len >= max_new_tokens or sequence[-1] in eos_token_ids
-
-        run_cycles(stats, device, cycle, finished)
-
-        tokens = sequence[prompt_len:]
-        stopped_by = "eos" if tokens[-1] in eos_token_ids else "max_new_tokens"
-        return Generation(tokens=tokens, stats=stats, stopped_by=stopped_by)
+    def cycle(
+        self,
+        state: GenerationState,
+        target,
+        k: int,
+        vocab: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> tuple[int, int]:
+        """Propose, verify, accept, commit once; returns (drafts proposed, drafts accepted)."""
+        committed = len(state.sequence)
+        # A cycle emits at most k + 1 tokens: never draft what could not be emitted.
+        k = min(k, state.room - 1)
+        # Step 1: the drafter proposes x_1..x_n ~ q (n <= k; fewer when its confidence drops below the threshold).
+        with drafting():
+            proposal = self.drafter.propose(state.sequence, k, sampling, generator, self.confidence_threshold)
+        # Step 2: one target forward scores every drafted position (and encodes what it has not read yet).
+        verified = verify_chain(target, state.target_cache, state.sequence, proposal.tokens, vocab,
+                                self.drafter.needs_target_features, self.drafter.feature_layers)
+        # Step 3: the acceptance rule keeps a prefix x_1..x_a and draws the token that follows it.
+        p = logits_to_probs(verified.logits, sampling)  # (n + 1, vocab)
+        accepted, token = self.accept(proposal.tokens, p, proposal.q, sampling, generator)
+        # Step 4: emit x_1..x_a + token; cut the target cache and the drafter back to what was kept.
+        state.emit([*proposal.tokens[:accepted].tolist(), token])
+        commit_chain(state.target_cache, self.drafter, committed, verified, accepted)
+        drafted = proposal.tokens.numel()
+        state.record_cycle(proposal.forwards, drafted, accepted)
+        return drafted, accepted
 
     # ---------------------------------------------------------------- stages
 

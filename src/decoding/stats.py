@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+# Re-exported: benchmarks/harness.py imports the stage clock from here; it lives in src.decoding.timing with the
+# rest of the timing.
+from src.decoding.timing import StageTimer  # noqa: F401
 
 
 @dataclass
@@ -26,10 +26,9 @@ class GenerationStats:
     accepted_per_step: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
-    # prefill_s: time to the first emitted token(s): the baseline's prompt forward; for draft methods their first
-    # cycle, which encodes the prompt in both models and verifies the first chain or tree in the same forwards.
+    # prefill_s: time to the first emitted token(s), decode_s: everything after it (src.decoding.timing)
     prefill_s: float = 0.0
-    decode_s: float = 0.0  # everything after it
+    decode_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record_step(self, drafted: int, accepted: int) -> None:
@@ -63,41 +62,3 @@ class Generation:
     @property
     def tokens_per_target_call(self) -> float | None:
         return self.new_tokens / self.stats.target_calls if self.stats.target_calls else None
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA kernels (a no-op elsewhere), so a clock read counts them where they ran."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class StageTimer:
-    """Wall-clock time of a stage, synchronizing CUDA so queued kernels are counted where they ran."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.start = 0.0
-
-    def __enter__(self) -> StageTimer:
-        synchronize(self.device)
-        self.start = time.perf_counter()
-        self.elapsed = 0.0
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        self.elapsed = time.perf_counter() - self.start
-
-
-def run_cycles(
-    stats: GenerationStats, device: torch.device, cycle: Callable[[], None], finished: Callable[[], bool]
-) -> None:
-    """Run ``cycle`` until ``finished()``, at least once. A draft method's first cycle also encodes the prompt in
-    both models, so it is timed as ``prefill_s`` (time to the first emitted tokens); the rest as ``decode_s``."""
-    with StageTimer(device) as prefill:
-        cycle()
-    stats.prefill_s = prefill.elapsed
-    with StageTimer(device) as decode:
-        while not finished():
-            cycle()
-    stats.decode_s = decode.elapsed

@@ -1,4 +1,13 @@
-"""Where a generation's time goes: inside target forwards, inside the drafter, and everything else.
+"""Every clock of a generation: its wall-clock stages, and where its time goes.
+
+Stages (:class:`StageTimer`, CUDA-synchronized at both ends so queued kernels count where they ran):
+
+    prefill_s  time to the first emitted token(s): the baseline's prompt forward; a draft method's first cycle,
+               which encodes the prompt in both models and verifies the first chain or tree in the same forwards
+    decode_s   everything after it (``GenerationState.prefill`` / ``.decode`` in :mod:`src.decoding.base` time
+               each method's two stages into :class:`~src.decoding.stats.GenerationStats`)
+
+Where the time goes (:class:`TimeSplit`):
 
     target_s  time inside the target model's forwards (a forward pre-hook and a forward hook on the model)
     draft_s   time inside the drafter: draft-model forwards, EAGLE head steps, n-gram lookups, SpecExec tree growth
@@ -10,8 +19,9 @@ Regions do not nest: a target forward inside a drafting region (none today) coun
 region records two CUDA events and the elapsed times are read once, after the generation (no host sync per
 forward); on a CPU it is ``time.perf_counter``.
 
-Used as a context around ``method.generate`` (:func:`timed_generate`); without one, :func:`drafting` costs a
-context-variable lookup and measures nothing.
+The split is used as a context around ``method.generate`` (:func:`timed_generate`); without one, :func:`drafting`
+costs a context-variable lookup and measures nothing. The cost model that predicts these times from measured
+latencies is :mod:`src.decoding.profile`.
 """
 
 from __future__ import annotations
@@ -21,12 +31,49 @@ import contextvars
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from src.decoding.stats import Generation
+if TYPE_CHECKING:  # annotations only: src.decoding.stats re-exports this module's clocks
+    from src.decoding.stats import Generation, GenerationStats
 
 _ACTIVE: contextvars.ContextVar[TimeSplit | None] = contextvars.ContextVar("sp_samp_time_split", default=None)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels (a no-op elsewhere), so a clock read counts them where they ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageTimer:
+    """Wall-clock time of a stage (``with StageTimer(device) as t: ...; t.elapsed``), synchronizing CUDA so
+    queued kernels are counted where they ran."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = 0.0
+
+    def __enter__(self) -> StageTimer:
+        synchronize(self.device)
+        self.start = time.perf_counter()
+        self.elapsed = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.elapsed = time.perf_counter() - self.start
+
+
+@contextlib.contextmanager
+def timed_stage(stats: GenerationStats, stage: Literal["prefill", "decode"], device: torch.device) -> Iterator[None]:
+    """Time the block into ``stats.prefill_s`` or ``stats.decode_s`` (see the module docstring)."""
+    if stage not in ("prefill", "decode"):
+        raise ValueError(f"stage={stage!r} is unknown: use 'prefill' or 'decode'")
+    with StageTimer(device) as timer:
+        yield
+    setattr(stats, f"{stage}_s", timer.elapsed)
 
 
 class TimeSplit:

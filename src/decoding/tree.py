@@ -1,4 +1,5 @@
-"""Token trees for tree-based speculative decoding: best-first bookkeeping and tree attention masks.
+"""Token trees for tree-based speculative decoding: best-first bookkeeping, tree attention masks, and the
+protocol of what grows a tree (:class:`TreeGrowth`).
 
 A :class:`DraftTree` numbers its nodes in creation order. Node 0 is the root: the last committed token, not
 yet in any KV cache. Every other node is a drafted token created after its parent, so creation order is a
@@ -13,12 +14,16 @@ Cost model: a growth round touches at most ``max_beams * max_branch_width`` cand
 attributes live in Python lists and heaps (well under a microsecond per candidate, where a CPU torch op on a
 tiny tensor costs ~5-10 us). The one per-node structure a forward needs, the ancestor matrix, is a torch
 tensor updated with one gather per round, and every mask is sliced out of it with tensor ops.
+
+Growth: SpecExec grows a tree best-first from the q of a :class:`TreeGrowth`: the draft model's
+(:class:`src.decoding.drafters.ModelGrowth`) or a trained EAGLE head's (:class:`src.decoding.eagle.EagleDrafter`).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -228,3 +233,28 @@ def verify_mask(tree: DraftTree, nodes: list[int], chain_len: int, cached_len: i
 def tree_position_ids(tree: DraftTree, nodes: list[int], root_position: int) -> list[int]:
     """Position ids of tree nodes: root_position + depth (where a sequential decode would put them)."""
     return [root_position + tree.depths[node] for node in nodes]
+
+
+class TreeGrowth(ABC):
+    """What SpecExec's best-first growth asks of the model that drafts the tree (a drafter with ``grows_trees``
+    hands one out: :meth:`src.decoding.drafters.Drafter.tree_growth`).
+
+    Its cache holds the committed prefix (root included), then the expanded nodes (``slots``) in expansion order.
+    """
+
+    @abstractmethod
+    def root_logits(self, committed: list[int]) -> torch.Tensor | None:
+        """q(. | committed) (1, V) over the shared ids, from one forward over the committed tokens it has not read
+        (the root, plus accepted tokens it never ran on); None when there is nothing to draft from yet (a head
+        before the target's prefill): the root is then verified alone."""
+
+    @abstractmethod
+    def expand_logits(self, tree: DraftTree, batch: list[int], slots: list[int], root_position: int) -> torch.Tensor:
+        """q(. | path to node) (b, V) for the b nodes of ``batch``, in one forward with a :func:`growth_mask`
+        (each node sees the prefix, its expanded ancestors among ``slots`` and itself) at :func:`tree_position_ids`."""
+
+    def keep_path(self, prefix_len: int, kept_slots: list[int]) -> None:
+        """After the verification: keep the cached prefix (``prefix_len`` entries) and the entries of the accepted
+        path's expanded nodes (``kept_slots``: their indices in ``slots``, root to leaf), in that order. Default:
+        nothing (a grower that rolls its cache back when the drafter is committed, as the EAGLE head)."""
+        return None
