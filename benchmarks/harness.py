@@ -26,8 +26,7 @@ import torch
 
 from src.data.prompts import Prompt, encode_messages
 from src.decoding.base import input_device
-from src.decoding.stats import StageTimer  # moving to src.decoding.timing; stats re-exports it
-from src.decoding.timing import TimeSplit
+from src.decoding.timing import StageTimer, TimeSplit
 from src.errors import MissingInputError
 from src.lit.system import system_info
 from src.models import ModelSpec, load_pair

@@ -5,10 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Re-exported: benchmarks/harness.py imports the stage clock from here; it lives in src.decoding.timing with the
-# rest of the timing.
-from src.decoding.timing import StageTimer  # noqa: F401
-
 
 @dataclass
 class GenerationStats:
