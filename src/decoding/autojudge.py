@@ -79,16 +79,8 @@ class AutoJudge(DecodingMethod):
         return self.threshold if self.threshold is not None else self.judge.threshold
 
     @torch.inference_mode()
-    def generate(
-        self,
-        target,
-        draft,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        sampling: SamplingConfig,
-        eos_token_ids: set[int],
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def generate(self, target, draft, input_ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+                 eos_token_ids: set[int], generator: torch.Generator | None = None) -> Generation:
         state = GenerationState(input_ids, max_new_tokens, eos_token_ids)
         if not sampling.greedy:
             raise InvalidParameterError(

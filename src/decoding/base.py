@@ -177,16 +177,8 @@ class DecodingMethod(ABC):
         return None  # most methods need nothing
 
     @abstractmethod
-    def generate(
-        self,
-        target,
-        draft,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        sampling: SamplingConfig,
-        eos_token_ids: set[int],
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def generate(self, target, draft, input_ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+                 eos_token_ids: set[int], generator: torch.Generator | None = None) -> Generation:
         """Decode at most ``max_new_tokens`` after ``input_ids`` (1, prompt_len); stop right after an EOS."""
 
 

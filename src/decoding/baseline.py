@@ -15,16 +15,8 @@ class Baseline(DecodingMethod):
     name = "baseline"
 
     @torch.inference_mode()
-    def generate(
-        self,
-        target,
-        draft,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        sampling: SamplingConfig,
-        eos_token_ids: set[int],
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def generate(self, target, draft, input_ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+                 eos_token_ids: set[int], generator: torch.Generator | None = None) -> Generation:
         state = GenerationState(input_ids, max_new_tokens, eos_token_ids)
 
         # Prefill: one forward over the prompt draws the first token from p(. | prompt).

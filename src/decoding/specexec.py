@@ -180,16 +180,8 @@ class SpecExec(DecodingMethod):
         return 1 + self.budget + self.max_beams * min(self.max_branch_width, vocab)
 
     @torch.inference_mode()
-    def generate(
-        self,
-        target,
-        draft,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        sampling: SamplingConfig,
-        eos_token_ids: set[int],
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def generate(self, target, draft, input_ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+                 eos_token_ids: set[int], generator: torch.Generator | None = None) -> Generation:
         state = GenerationState(input_ids, max_new_tokens, eos_token_ids)
         if draft is None and self.needs_draft:
             raise InvalidParameterError(

@@ -144,16 +144,8 @@ class SpeculativeSampling(DecodingMethod):
         return min(self.max_k, k + 2) if drafted and accepted == drafted else max(1, k - 1)
 
     @torch.inference_mode()
-    def generate(
-        self,
-        target,
-        draft,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        sampling: SamplingConfig,
-        eos_token_ids: set[int],
-        generator: torch.Generator | None = None,
-    ) -> Generation:
+    def generate(self, target, draft, input_ids: torch.Tensor, max_new_tokens: int, sampling: SamplingConfig,
+                 eos_token_ids: set[int], generator: torch.Generator | None = None) -> Generation:
         state = GenerationState(input_ids, max_new_tokens, eos_token_ids)
         if draft is None and self.drafter.needs_draft_model:
             raise InvalidParameterError("draft=None: speculative sampling needs a draft model (set one in the model pair)")

@@ -38,7 +38,7 @@ from src.data import features
 from src.data.features import FeatureDataset, FeatureStore, collate_sequences
 from src.decoding.drafters import Drafter
 from src.decoding.eagle import EagleDrafter
-from src.errors import InvalidParameterError, UserInputError
+from src.errors import InvalidParameterError, UserInputError, check_positive_int, is_positive_int
 from src.lit.data import PromptDataModule
 from src.lit.distributed import gather_unique
 from src.lit.module import DecodingModule
@@ -98,7 +98,7 @@ class EagleDataModule(PromptDataModule):
         super().__init__(**kwargs)
         if aux_layers is not None and aux_layers != "auto" and (
                 not isinstance(aux_layers, list) or not aux_layers
-                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in aux_layers)):
+                or not all(is_positive_int(i, minimum=0) for i in aux_layers)):
             raise InvalidParameterError(f"aux_layers={aux_layers!r} is invalid: use target layer ids, e.g. [2, 15, 27], "
                                         "'auto' (EAGLE-3's), or null")
         self.aux_layers = aux_layers
@@ -257,11 +257,10 @@ class EagleModule(DecodingModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for label, value in (("unroll_steps", unroll_steps), ("eval_steps", eval_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidParameterError(f"{label}={value!r} is invalid: use an integer >= 1")
-        if top_tokens is not None and (isinstance(top_tokens, bool) or not isinstance(top_tokens, int) or top_tokens < 1):
-            raise InvalidParameterError(f"top_tokens={top_tokens!r} is invalid: use an integer >= 1, or null for all")
+        check_positive_int("unroll_steps", unroll_steps)
+        check_positive_int("eval_steps", eval_steps)
+        if top_tokens is not None:
+            check_positive_int("top_tokens", top_tokens, "use an integer >= 1, or null for all")
         self.head_path = head_path
         self.top_tokens = top_tokens
         self.learning_rate = learning_rate

@@ -38,6 +38,7 @@ from src.errors import (
     InvalidParameterError,
     MalformedInputError,
     MissingInputError,
+    is_positive_int,
 )
 
 FORMAT = "sp-samp-eagle-head/1"
@@ -314,7 +315,7 @@ def check_identity(trained: dict[str, Any] | None, target: dict[str, Any] | None
 
 
 def _check_top_count(count: Any, top: torch.Tensor | None, vocab_size: int, weights: Path) -> None:
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+    if count is not None and not is_positive_int(count):
         raise MalformedInputError(f"head {weights}: top_tokens={count!r} is not a positive integer or null: re-export it")
     if count is not None and count > vocab_size:
         raise InvalidParameterError(
