@@ -14,8 +14,20 @@ import torch
 from toy import ToyLM
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from src.results.keys import method_name, recorded_params
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one intra-op thread each
     torch.set_num_threads(1)
+
+
+def method_key(method) -> str:
+    """A method's key as its records name it (src.results.keys; unique in its run)."""
+    return method_name(method.name, method.drafter_name)
+
+
+def recorded(method) -> dict:
+    """A method's parameters as its records carry them (src.results.keys)."""
+    return recorded_params(method.name, method.params())
 
 
 def build_tiny_llama(seed: int = 0, vocab_size: int = 128, num_layers: int = 2) -> LlamaForCausalLM:

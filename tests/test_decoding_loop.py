@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import method_key, recorded
 from toy import ToyLM
 
 from src.decoding import Baseline, SamplingConfig, SpecExec, SpeculativeSampling
@@ -106,15 +107,13 @@ def test_the_drafters_declare_what_they_do(tmp_path):
     restricted = ModelDrafter(top_tokens=4, token_map=str(tmp_path / "map.json"))
     lookup, model = PromptLookup(), ModelDrafter()
     declared = {
-        "lookup": (lookup.proposes_chains, lookup.offers_continuations, lookup.grows_trees, lookup.needs_draft_model,
-                   lookup.is_draft_model),
-        "model": (model.proposes_chains, model.offers_continuations, model.grows_trees, model.needs_draft_model,
-                  model.is_draft_model),
+        "lookup": (lookup.proposes_chains, lookup.offers_continuations, lookup.grows_trees, lookup.needs_draft_model),
+        "model": (model.proposes_chains, model.offers_continuations, model.grows_trees, model.needs_draft_model),
         "eagle": (EagleDrafter.proposes_chains, EagleDrafter.offers_continuations, EagleDrafter.grows_trees,
-                  EagleDrafter.needs_draft_model, EagleDrafter.is_draft_model),
+                  EagleDrafter.needs_draft_model),
     }
-    assert declared == {"lookup": (True, True, False, False, False), "model": (True, False, True, True, True),
-                        "eagle": (True, False, True, False, False)}
+    assert declared == {"lookup": (True, True, False, False), "model": (True, False, True, True),
+                        "eagle": (True, False, True, False)}
     assert issubclass(EagleDrafter, TreeGrowth) and issubclass(ModelGrowth, TreeGrowth)
     assert lookup.tree_refusal() is None and model.tree_refusal() is None
     assert not restricted.grows_trees and "top_tokens restricts a chain drafter" in restricted.tree_refusal()
@@ -181,12 +180,12 @@ def test_verifiers_read_the_declarations_not_the_type():
     expected = generate(Baseline(), target, None, [3, 4, 5], 24).tokens
     branches = SpecExec(budget=6, max_depth=4, drafter=FixedBranches())
     assert generate(branches, target, None, [3, 4, 5], 24).tokens == expected
-    assert branches.name == "specexec+fixed" and not branches.needs_draft
-    assert branches.params() == {"budget": 6, "max_depth": 4, "drafter": "fixed"}
+    assert method_key(branches) == "specexec+fixed" and not branches.needs_draft
+    assert recorded(branches) == {"budget": 6, "max_depth": 4, "drafter": "fixed"}
     grown = SpecExec(budget=6, max_depth=4, drafter=GrowsOnTheDraft())
     generation = generate(grown, target, draft, [3, 4, 5], 24)
     assert generation.tokens == expected and generation.stats.draft_calls > 0
-    assert grown.name == "specexec+grower" and grown.needs_draft and grown.params()["drafter"] == "grower"
+    assert method_key(grown) == "specexec+grower" and grown.needs_draft and grown.params()["drafter"] == "grower"
     # the same growth as the draft-model drafter's own, tree for tree
     plain = generate(SpecExec(budget=6, max_depth=4), target, draft, [3, 4, 5], 24)
     assert generation.stats.extra["tree_size"] == plain.stats.extra["tree_size"]

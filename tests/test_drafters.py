@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import chat_input_ids, dataset_file
+from conftest import chat_input_ids, dataset_file, method_key, recorded
 from toy import ToyLM
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
@@ -362,18 +362,18 @@ def test_method_keys_and_params():
     """Lookup methods get their own keys and record the drafter; draft-model defaults keep theirs
     unchanged."""
     chain, tree = SpeculativeSampling(drafter=PromptLookup()), SpecExec(drafter=PromptLookup(max_branches=3))
-    assert (chain.name, tree.name) == ("speculative+prompt_lookup", "specexec+prompt_lookup")
+    assert (method_key(chain), method_key(tree)) == ("speculative+prompt_lookup", "specexec+prompt_lookup")
     assert not chain.needs_draft and not tree.needs_draft
-    assert chain.params() == {"k": 4, "drafter": "prompt_lookup", "max_ngram": 3, "min_ngram": 1}
-    assert tree.params() == {
+    assert recorded(chain) == {"k": 4, "drafter": "prompt_lookup", "max_ngram": 3, "min_ngram": 1}
+    assert recorded(tree) == {
         "budget": 32, "max_depth": 8, "drafter": "prompt_lookup", "max_ngram": 3, "min_ngram": 1,
         "max_branches": 3,
     }
     for method in (SpeculativeSampling(), SpeculativeSampling(drafter=ModelDrafter())):
-        assert method.name == "speculative" and method.needs_draft and method.params() == {"k": 4}
+        assert method_key(method) == "speculative" and method.needs_draft and recorded(method) == {"k": 4}
     for method in (SpecExec(), SpecExec(drafter=ModelDrafter())):
-        assert method.name == "specexec" and method.needs_draft
-        assert method.params() == {
+        assert method_key(method) == "specexec" and method.needs_draft
+        assert recorded(method) == {
             "budget": 32, "max_depth": 8, "max_beams": 8, "max_branch_width": 8, "prune_threshold": 0.0
         }
 

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, method_key, recorded
 
 from src.decoding import Baseline, SamplingConfig, SpecExec, SpeculativeSampling
 from src.decoding.base import model_logits_and_hidden
@@ -121,7 +121,7 @@ def test_tree_greedy_equals_baseline(target, tmp_path, greedy_texts, shape, subs
         assert generation.stats.extra["tree_size"][0] == 0  # the first iteration is the target's prefill
         accepted += generation.stats.accepted_tokens
     assert accepted > 0 and max(generation.stats.extra["leaves"]) > 1
-    assert method.name == "specexec+eagle" and method.params()["drafter"] == "eagle"
+    assert method_key(method) == "specexec+eagle" and recorded(method)["drafter"] == "eagle"
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -258,8 +258,8 @@ def test_drafter_state_tracks_the_target(target, tmp_path):
 
 def test_params_method_key_and_input_files(tmp_path, target):
     method = eagle(target, tmp_path)
-    assert method.name == "speculative+eagle" and not method.needs_draft
-    assert method.params()["drafter"] == "eagle" and method.params()["head_path"].endswith("head")
+    assert method_key(method) == "speculative+eagle" and not method.needs_draft
+    assert recorded(method)["drafter"] == "eagle" and recorded(method)["head_path"].endswith("head")
     assert [f.rsplit(".", 1)[-1] for f in method.input_files()] == ["safetensors", "json"]
 
 

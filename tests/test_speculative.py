@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import method_key, recorded
 from toy import ToyLM
 
 from src.decoding import Baseline, SpeculativeSampling
@@ -289,8 +290,8 @@ def test_stats_invariants_under_sampling(toy_pair, k):
 
 def test_method_identity():
     method = SpeculativeSampling(k=3)
-    assert method.name == "speculative" and method.needs_draft and method.params() == {"k": 3}
-    assert SpeculativeSampling().params() == {"k": 4}
+    assert method_key(method) == "speculative" and method.needs_draft and recorded(method) == {"k": 3}
+    assert recorded(SpeculativeSampling()) == {"k": 4}
 
 
 @pytest.mark.parametrize("k", [0, -2])
@@ -360,7 +361,7 @@ def test_confidence_threshold_stops_chains_early(toy_pair):
 
 
 def test_adaptive_parameters_are_checked_and_named():
-    assert SpeculativeSampling(3, **ADAPTIVE).params() == {
+    assert recorded(SpeculativeSampling(3, **ADAPTIVE)) == {
         "k": 3, "schedule": "heuristic", "max_k": 4, "confidence_threshold": 0.3}
     for kwargs, message in (
         ({"schedule": "linear"}, "schedule='linear'"),

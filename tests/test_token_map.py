@@ -37,6 +37,7 @@ from src.decoding.token_map import (
     token_lists_from_results,
 )
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
+from src.results.keys import recorded_params
 
 GREEDY = SamplingConfig()
 SAMPLED = SamplingConfig(temperature=0.8, top_p=0.9)
@@ -206,7 +207,7 @@ def test_drafter_arguments_are_checked(tmp_path):
 
 def test_params_and_input_files(tmp_path):
     path = write_map(tmp_path, [[1, 2, 3]], 128)
-    assert ModelDrafter().params() == {} and ModelDrafter().input_files() == []
+    assert recorded_params("speculative", {"drafter": "draft_model", **ModelDrafter().params()}) == {} and ModelDrafter().input_files() == []
     drafter = ModelDrafter(top_tokens=16, token_map=path)
     assert drafter.params() == {"top_tokens": 16, "token_map": "map.json"} and drafter.input_files() == [path]
 

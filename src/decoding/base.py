@@ -153,13 +153,15 @@ class DecodingMethod(ABC):
     Probability convention (see :mod:`src.decoding.sampling`): ``p`` = target, ``q`` = draft.
     """
 
-    name: str = "method"
+    name: str = "method"  # the family: baseline, speculative, specexec, autojudge
+    drafter_name: str | None = None  # what proposes its tokens (src.decoding.drafters), for methods that draft
     needs_draft: bool = False
     lossless: bool = True  # emits the target's own distribution (greedy: the baseline's tokens); AutoJudge: False
     verifies_trees: bool = False  # its forwards carry a 4D tree mask (SpecExec): the cost profile prices them apart
 
     def params(self) -> dict[str, Any]:
-        """Method parameters that identify a configuration (go into records and resume keys)."""
+        """Every parameter that shapes the output, defaults included. The method key and what a record carries
+        are decided in src.results.keys (older results files keep their keys there)."""
         return {}
 
     def input_files(self) -> list[str]:

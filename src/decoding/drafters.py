@@ -12,8 +12,6 @@ read those declarations, never the drafter's type:
     offers_continuations  continuations(): deterministic branches, merged into a trie (SpecExec)
     grows_trees           tree_growth(): a TreeGrowth whose q SpecExec's best-first growth ranks children by
     needs_draft_model     every method's generate must be given a draft model
-    is_draft_model        the plain draft LM: the method keys stay ``speculative`` / ``specexec`` and its
-                          params are not recorded (earlier records keep their keys)
 
 Probability convention: ``q`` is the distribution a proposed token was drawn from. A deterministic proposal
 (prompt lookup, a greedy draft) has a one-hot ``q``; the chain verifier's rule then reads "accept x with
@@ -78,7 +76,6 @@ class Drafter(ABC):
     offers_continuations: bool = False  # continuations()
     grows_trees: bool = False  # tree_growth()
     needs_draft_model: bool = False
-    is_draft_model: bool = False
     max_branches: int = 1  # sibling branches its continuations offer: a tree option (a chain takes one)
     needs_target_features: bool = False  # commit() then gets the target's features of the committed positions
     # which features: None = the final-norm last hidden state (EAGLE-1/2); target layer ids = the concatenated
@@ -86,7 +83,8 @@ class Drafter(ABC):
     feature_layers: tuple[int, ...] | None = None
 
     def params(self) -> dict[str, Any]:
-        """Parameters that identify the drafter (go into records and resume keys)."""
+        """Every parameter that shapes the drafts, defaults included (src.results.keys decides what a record
+        carries)."""
         return {}
 
     def prepare(self, target_info: dict[str, Any] | None) -> None:
@@ -173,7 +171,6 @@ class ModelDrafter(Drafter):
 
     name = "draft_model"
     needs_draft_model = True
-    is_draft_model = True
     grows_trees = True  # the full draft (ModelGrowth); a restricted one drafts chains only (set in __init__)
 
     def __init__(self, hidden_states: bool = False, *, top_tokens: int | None = None,
@@ -185,10 +182,7 @@ class ModelDrafter(Drafter):
         self.grows_trees = top_tokens is None  # SpecExec ranks children over the full draft vocabulary
 
     def params(self) -> dict[str, Any]:
-        """Empty unless restricted: records of the full-vocabulary draft keep their keys."""
-        if self.top_tokens is None:
-            return {}
-        return {"top_tokens": self.top_tokens, "token_map": Path(self.token_map).name}
+        return {"top_tokens": self.top_tokens, "token_map": Path(self.token_map).name if self.token_map else None}
 
     def input_files(self) -> list[str]:
         """The token map, when set: a run fingerprint hashes it (a rebuilt map changes the drafts)."""
@@ -439,10 +433,7 @@ class PromptLookup(Drafter):
         self.max_branches = max_branches
 
     def params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {"max_ngram": self.max_ngram, "min_ngram": self.min_ngram}
-        if self.max_branches != 1:
-            params["max_branches"] = self.max_branches
-        return params
+        return {"max_ngram": self.max_ngram, "min_ngram": self.min_ngram, "max_branches": self.max_branches}
 
     def begin(self, draft_model, vocab: int, device: torch.device, target=None) -> None:
         self.vocab, self.device = vocab, device

@@ -128,10 +128,11 @@ class SpecExec(DecodingMethod):
                 f"{self.drafter.name!r}: drop them (its tree is set by budget, max_depth and the drafter's own options)"
             )
 
+    name = "specexec"
+
     @property
-    def name(self) -> str:
-        """``specexec`` with a draft model (existing results keep their method key), else ``specexec+<drafter>``."""
-        return "specexec" if self.drafter.is_draft_model else f"specexec+{self.drafter.name}"
+    def drafter_name(self) -> str:
+        return self.drafter.name
 
     @property
     def needs_draft(self) -> bool:
@@ -147,12 +148,9 @@ class SpecExec(DecodingMethod):
             "max_beams": self.max_beams,
             "max_branch_width": self.max_branch_width,
             "prune_threshold": self.prune_threshold,
+            "scoring_temperature": self.scoring_temperature,
         }
-        if self.scoring_temperature is not None:  # only when set: earlier results keep their resume keys
-            params["scoring_temperature"] = self.scoring_temperature
-        if self.drafter.is_draft_model:  # earlier results keep their resume keys
-            return params
-        if self.drafter.grows_trees:  # a trained head grows the tree best-first too
+        if self.drafter.grows_trees:  # the draft model, or a trained head: best-first growth
             return {**params, "drafter": self.drafter.name, **self.drafter.params()}
         # the tree comes from the drafter's continuations: only these shape it
         return {"budget": self.budget, "max_depth": self.max_depth, "drafter": self.drafter.name,

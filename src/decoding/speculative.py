@@ -105,26 +105,20 @@ class SpeculativeSampling(DecodingMethod):
         self.max_k = max_k
         self.confidence_threshold = float(confidence_threshold)
 
+    name = "speculative"
+
     @property
-    def name(self) -> str:
-        """``speculative`` with a draft model (existing results keep their method key), else ``speculative+<drafter>``."""
-        return "speculative" if self.drafter.is_draft_model else f"speculative+{self.drafter.name}"
+    def drafter_name(self) -> str:
+        return self.drafter.name
 
     @property
     def needs_draft(self) -> bool:
         return self.drafter.needs_draft_model
 
-    def params(self) -> dict[str, int | float | str]:
-        params: dict[str, int | float | str] = {"k": self.k}
-        # Only what differs from plain constant-k speculative sampling: earlier results keep their resume keys.
-        if self.schedule != "constant":
-            params.update(schedule=self.schedule, max_k=self.max_k)
-        if self.confidence_threshold:
-            params["confidence_threshold"] = self.confidence_threshold
-        if not self.drafter.is_draft_model:
-            params["drafter"] = self.drafter.name
-        params.update(self.drafter.params())  # {} for a plain draft model: earlier resume keys stay valid
-        return params
+    def params(self) -> dict[str, Any]:
+        return {"k": self.k, "schedule": self.schedule, "max_k": self.max_k,
+                "confidence_threshold": self.confidence_threshold, "drafter": self.drafter.name,
+                **self.drafter.params()}
 
     def verify_width(self) -> int:
         return (self.max_k if self.schedule != "constant" else self.k) + 1  # the chain + the last committed token

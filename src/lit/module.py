@@ -25,6 +25,7 @@ from src.lit.system import system_info
 from src.models.loading import load_tokenizer
 from src.models.pair import ModelPair, load_pair
 from src.models.spec import ModelSpec
+from src.results.keys import method_keys, method_name, recorded_params
 from src.results.records import (
     classify_divergence,
     compare_with_baseline,
@@ -79,8 +80,8 @@ class DecodingModule(L.LightningModule):
         self.target_spec = target
         self.draft_spec = draft
         self.methods = list(methods) if methods else [Baseline()]
-        names = [m.name for m in self.methods]
-        self.method_keys = [self._method_key(m, names) for m in self.methods]
+        self.method_keys = method_keys([(method_name(m.name, m.drafter_name), self.recorded_params(m))
+                                        for m in self.methods])
         if len(set(self.method_keys)) != len(self.method_keys):
             raise InvalidParameterError(f"methods {self.method_keys} are configured twice: give each entry different parameters")
         self.max_new_tokens = max_new_tokens
@@ -103,13 +104,10 @@ class DecodingModule(L.LightningModule):
                     "e.g. --config configs/models/smollm2-135m-bf16.yaml"
                 )
 
-    def _method_key(self, method: DecodingMethod, names: list[str]) -> str:
-        """The method name, extended by the parameters that tell apart several configurations of the same method."""
-        if names.count(method.name) == 1:
-            return method.name
-        siblings = [m.params() for m in self.methods if m.name == method.name]
-        varying = [k for k in method.params() if len({repr(p.get(k)) for p in siblings}) > 1] or list(method.params())
-        return method.name + "[" + ",".join(f"{k}={method.params()[k]}" for k in varying) + "]"
+    @staticmethod
+    def recorded_params(method: DecodingMethod) -> dict[str, Any]:
+        """The method's parameters as its records carry them (src.results.keys)."""
+        return recorded_params(method.name, method.params())
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def ensure_pair(self, with_draft: bool = False) -> ModelPair:
@@ -314,7 +312,7 @@ class DecodingModule(L.LightningModule):
 
     def _params(self, method: DecodingMethod) -> dict[str, Any]:
         return {
-            **method.params(),
+            **self.recorded_params(method),
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.sampling.temperature,
             "top_k": self.sampling.top_k,
