@@ -42,7 +42,7 @@ test: setup  ## run the default test suite (everything but tests marked slow), t
 test-all: setup  ## run every test, the slow end-to-end ones included
 	$(PY) -m pytest -q $(ARGS)
 
-lint: setup  ## ruff over the code and tests
+lint: setup  ## ruff over the code, the tests and the benchmarks
 	$(PY) -m ruff check src tests benchmarks
 
 list-presets:  ## list the shipped configs and model presets, one line each
