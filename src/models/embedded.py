@@ -92,7 +92,11 @@ def ensure_converted(name_or_path: str) -> Path:
             return target_dir  # another process (e.g. a second test worker) finished first: keep its copy
         if target_dir.exists():
             shutil.rmtree(target_dir)
-        tmp_dir.rename(target_dir)
+        try:
+            tmp_dir.rename(target_dir)
+        except OSError:  # another process renamed its finished copy into place between the check and here
+            if not (target_dir / "config.json").is_file():
+                raise
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
