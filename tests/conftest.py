@@ -14,7 +14,7 @@ import torch
 from toy import ToyLM
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from src.results.keys import method_name, recorded_params
+from src.results.keys import describe
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one intra-op thread each
     torch.set_num_threads(1)
@@ -22,12 +22,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two
 
 def method_key(method) -> str:
     """A method's key as its records name it (src.results.keys; unique in its run)."""
-    return method_name(method.name, method.drafter_name)
+    return describe(method)[0]
 
 
 def recorded(method) -> dict:
     """A method's parameters as its records carry them (src.results.keys)."""
-    return recorded_params(method.name, method.params())
+    return describe(method)[1]
 
 
 def build_tiny_llama(seed: int = 0, vocab_size: int = 128, num_layers: int = 2) -> LlamaForCausalLM:

@@ -84,6 +84,8 @@ class SpecExec(DecodingMethod):
 
     verifies_trees = True  # its forwards carry 4D tree masks
 
+    name = "specexec"
+
     def __init__(
         self,
         budget: int = 32,
@@ -127,8 +129,6 @@ class SpecExec(DecodingMethod):
                 f"{', '.join(changed)} shape a draft model's best-first growth, but the drafter is "
                 f"{self.drafter.name!r}: drop them (its tree is set by budget, max_depth and the drafter's own options)"
             )
-
-    name = "specexec"
 
     @property
     def drafter_name(self) -> str:

@@ -69,6 +69,8 @@ class SpeculativeSampling(DecodingMethod):
     ``draft_calls == drafted_tokens`` (the prompt goes into the first draft and target forwards).
     """
 
+    name = "speculative"
+
     def __init__(
         self,
         k: int = 4,
@@ -104,8 +106,6 @@ class SpeculativeSampling(DecodingMethod):
         self.schedule = schedule
         self.max_k = max_k
         self.confidence_threshold = float(confidence_threshold)
-
-    name = "speculative"
 
     @property
     def drafter_name(self) -> str:

@@ -31,12 +31,11 @@ import contextvars
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: src.decoding.stats re-exports this module's clocks
-    from src.decoding.stats import Generation, GenerationStats
+from src.decoding.stats import Generation, GenerationStats
 
 _ACTIVE: contextvars.ContextVar[TimeSplit | None] = contextvars.ContextVar("sp_samp_time_split", default=None)
 

@@ -25,7 +25,7 @@ from src.lit.system import system_info
 from src.models.loading import load_tokenizer
 from src.models.pair import ModelPair, load_pair
 from src.models.spec import ModelSpec
-from src.results.keys import method_keys, method_name, recorded_params
+from src.results.keys import describe, method_keys
 from src.results.records import (
     classify_divergence,
     compare_with_baseline,
@@ -80,8 +80,7 @@ class DecodingModule(L.LightningModule):
         self.target_spec = target
         self.draft_spec = draft
         self.methods = list(methods) if methods else [Baseline()]
-        self.method_keys = method_keys([(method_name(m.name, m.drafter_name), self.recorded_params(m))
-                                        for m in self.methods])
+        self.method_keys = method_keys([describe(m) for m in self.methods])
         if len(set(self.method_keys)) != len(self.method_keys):
             raise InvalidParameterError(f"methods {self.method_keys} are configured twice: give each entry different parameters")
         self.max_new_tokens = max_new_tokens
@@ -107,7 +106,7 @@ class DecodingModule(L.LightningModule):
     @staticmethod
     def recorded_params(method: DecodingMethod) -> dict[str, Any]:
         """The method's parameters as its records carry them (src.results.keys)."""
-        return recorded_params(method.name, method.params())
+        return describe(method)[1]
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def ensure_pair(self, with_draft: bool = False) -> ModelPair:

@@ -54,6 +54,12 @@ def recorded_params(family: str, params: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def describe(method: Any) -> tuple[str, dict[str, Any]]:
+    """(name, recorded params) of a decoding method, read by its attributes (``name``, ``drafter_name``,
+    ``params()``): what :func:`method_keys` takes."""
+    return method_name(method.name, method.drafter_name), recorded_params(method.name, method.params())
+
+
 def method_keys(methods: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     """The key of each (name, recorded params): the name alone when it is unique in the run, else the name and
     the parameters whose values differ between the configurations of that name (all of them if none differ)."""
