@@ -28,6 +28,22 @@ def load_harness():
     return module
 
 
+def load_options():
+    """benchmarks/vs_hf_options.py, the bench's argument parser (it imports nothing of the bench): bad options are
+    checked in this interpreter; one test below runs the script itself as a subprocess."""
+    spec = importlib.util.spec_from_file_location("bench_vs_hf_options", ROOT / "benchmarks" / "vs_hf_options.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_bench_args(capsys, *args: str) -> tuple[int, str]:
+    """(exit status, stderr) of the bench's parser on ``args``."""
+    with pytest.raises(SystemExit) as stop:
+        load_options().parse_args(list(args))
+    return stop.value.code, capsys.readouterr().err
+
+
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -116,14 +132,14 @@ def test_bench_vs_hf_refuses_an_unknown_category_naming_those_available(tmp_path
     ("--lookup", "x", "'x' is not N:G"),
     ("--lookup-tree", "32:10", "'32:10' is not B:N:G"),
 ])
-def test_bench_vs_hf_names_a_bad_option(option, value, named):
-    result = run_bench(option, value)
-    assert result.returncode == 2 and named in result.stderr
+def test_bench_vs_hf_names_a_bad_option(capsys, option, value, named):
+    status, stderr = parse_bench_args(capsys, option, value)
+    assert status == 2 and named in stderr
 
 
-def test_bench_vs_hf_refuses_a_min_ngram_above_a_lookup_g():
-    result = run_bench("--lookup", "10:2", "--min-ngram", "3")
-    assert result.returncode == 2 and "--min-ngram 3 is above G=2 of --lookup 10:2" in result.stderr
+def test_bench_vs_hf_refuses_a_min_ngram_above_a_lookup_g(capsys):
+    status, stderr = parse_bench_args(capsys, "--lookup", "10:2", "--min-ngram", "3")
+    assert status == 2 and "--min-ngram 3 is above G=2 of --lookup 10:2" in stderr
 
 
 class Counted(torch.nn.Module):
