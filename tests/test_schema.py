@@ -8,13 +8,17 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 from test_report import rich_records
 
+from src.decoding import SpecExec, SpeculativeSampling
+from src.decoding.drafters import PromptLookup
+from src.decoding.sampling import SamplingConfig
 from src.lit.metrics import DecodingMetrics
 from src.lit.reporting import TABLE_COLUMNS, MetricsReporter
 from src.report import main as report_main
 from src.results.check import check_record
-from src.results.records import classify_divergence, near_tie_tolerance
+from src.results.records import acceptance_histogram, classify_divergence, near_tie_tolerance, ok_record
 from src.results.report.stats import stats_by_method_category
 from src.results.schema import AGGREGATES, FIELD_BY_NAME, FIELDS, METHOD_FIELDS, Totals, describe, fields_of
 from src.results.summary import format_summary_table, summarize
@@ -152,3 +156,29 @@ def test_older_files_get_a_note_not_a_crash(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "written before sp-samp recorded: time split (`target_s`)" in md
     assert "Where the time goes: skipped" in md
+
+
+@pytest.mark.parametrize("make", [lambda: SpeculativeSampling(k=3), lambda: SpecExec(budget=8, max_depth=4),
+                                  lambda: SpeculativeSampling(k=3, drafter=PromptLookup())],
+                         ids=["speculative", "specexec", "prompt_lookup"])
+def test_acceptance_histogram_agrees_with_the_other_counters(llama_pair, one_thread, make):
+    target, draft = llama_pair
+    prompt = torch.tensor([[1, 5, 9, 33, 5, 9, 33, 12]])
+    generation = make().generate(target, draft, prompt, 24, SamplingConfig(), {2})
+    stats = generation.stats
+    record = ok_record({"method": "m", "status": "ok"}, generation, "text")
+    histogram = record["acceptance_histogram"]
+    assert sum(histogram) == len(stats.accepted_per_step) > 0  # one count per verification cycle
+    assert sum(i * count for i, count in enumerate(histogram)) == record["accepted_tokens"]
+    # cycles accepting at least j + 1 drafts are the cycles that accepted draft position j
+    assert [sum(histogram[j + 1:]) for j in range(len(histogram) - 1)] == record["accepted_counts_per_position"]
+    if isinstance(make(), SpeculativeSampling):
+        assert sum(histogram) == record["target_calls"]
+
+
+def test_acceptance_histogram_counts_cycles_by_accepted_drafts():
+    assert acceptance_histogram([2, 0, 4, 2, 0, 0]) == [3, 0, 2, 0, 1]
+    assert acceptance_histogram([]) == []  # the baseline verifies nothing
+    vllm_example = [39, 1, 0, 3]  # vLLM's documented per-request example: mean_acceptance_length 1.2326
+    steps, accepted = sum(vllm_example), sum(i * n for i, n in enumerate(vllm_example))
+    assert 1 + accepted / steps == pytest.approx(1.2325581395348837)

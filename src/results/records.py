@@ -68,6 +68,7 @@ def ok_record(common: dict[str, Any], generation: Any, text: str) -> dict[str, A
         ],
         "accepted_counts_per_position": stats.accepted_per_position,
         "drafted_counts_per_position": stats.drafted_per_position,
+        "acceptance_histogram": acceptance_histogram(stats.accepted_per_step),
         "speedup": None,
         "matches_baseline": None,
         "first_divergence": None,
@@ -77,6 +78,19 @@ def ok_record(common: dict[str, Any], generation: Any, text: str) -> dict[str, A
     for key, value in stats.extra.items():
         record[key] = value
     return record
+
+
+def acceptance_histogram(accepted_per_step: list[int]) -> list[int]:
+    """``h[i]`` = verification cycles that accepted exactly ``i`` draft tokens; [] without cycles (the baseline).
+
+    Counts instead of the per-cycle list: a record stays a few numbers long however long the output, and every
+    figure made of the cycles' accepted lengths (their mean, Spec-Bench's ``accept_lengths`` mean) ignores their
+    order.
+    """
+    histogram = [0] * (max(accepted_per_step) + 1) if accepted_per_step else []
+    for accepted in accepted_per_step:
+        histogram[accepted] += 1
+    return histogram
 
 
 def error_record(common: dict[str, Any], error: BaseException) -> dict[str, Any]:

@@ -16,6 +16,21 @@ Aggregates over a group of records (one method, or one method x category) have o
   ratio of totals, so long outputs weigh more. The two differ when prompts differ in length or speedup;
   both are printed under their own names, never one under the other's name.
 
+Speculation counters under vLLM's names (its per-request ``metrics.speculative_decoding`` object and its
+``vllm:spec_decode_*`` counters), where they mean the same thing for one record:
+
+- ``acceptance_histogram`` = vLLM's ``acceptance_histogram`` (index j: verify steps that accepted exactly j draft
+  tokens); its sum = ``num_spec_steps`` (``num_drafts`` summed over requests). Ours also counts a cycle that
+  offered no draft (a prompt-lookup miss) in h[0]: a target step is a cycle here whether or not it verified
+  anything;
+- ``drafted_tokens`` = ``num_draft_tokens``; ``accepted_tokens`` = ``num_accepted_draft_tokens``
+  (``num_accepted_tokens``); ``acceptance_rate`` = ``draft_acceptance_rate`` (a fraction, not vLLM's log %);
+- vLLM's ``mean_acceptance_length`` = 1 + accepted_tokens / sum(acceptance_histogram) (the bonus token
+  included) = sum((i + 1) h[i]) / sum(h[i]), the mean of Spec-Bench's ``accept_lengths``;
+- ``accepted_counts_per_position`` = ``num_accepted_tokens_per_pos``. vLLM's per-position acceptance rate divides
+  it by all verify steps; our ``accepted_per_position`` divides by ``drafted_counts_per_position``, the cycles
+  that offered that position (equal for a fixed chain length).
+
 No Lightning or torch import: ``check_results`` and ``src.report`` run without them.
 """
 
@@ -100,6 +115,8 @@ FIELDS: tuple[Field, ...] = (
     Field("accepted_per_position", (list,), "", "per draft position i: cycles accepting it / cycles offering it"),
     Field("accepted_counts_per_position", (list,), "cycles", "numerators of accepted_per_position", "optional"),
     Field("drafted_counts_per_position", (list,), "cycles", "denominators of accepted_per_position", "optional"),
+    Field("acceptance_histogram", (list,), "cycles", "h[i]: verification cycles that accepted exactly i draft "
+          "tokens (cycles without a draft count in h[0]); [] without cycles (the baseline)", "optional"),
     # ---- ok records: against the baseline on the same prompt and turn
     Field("speedup", NUMBER + NULL, "x", "tokens_per_s / the baseline record's tokens_per_s"),
     Field("matches_baseline", (bool,) + NULL, "", "greedy runs: tokens equal the baseline's"),
