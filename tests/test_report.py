@@ -410,3 +410,61 @@ def test_autojudge_tradeoff_table_gives_cis_per_threshold(rich_report):
     assert low[1:3] == ["0.3", "4"] and low[3].startswith("4.000")  # 8 tokens / 2 calls on every prompt
     assert low[5].startswith("0.750 [") and rows["autojudge[threshold=0.6]"][5].startswith("0.500 [")
     assert rows["baseline"][1] == "-" and rows["baseline"][4] == "-"  # no answer_matches_baseline on the baseline
+
+
+def todays_records(cost_profile: bool = True) -> list[dict]:
+    """A baseline and a speculative record as today's writer leaves them (records.ok_record on a generation with
+    a time split, then the baseline comparison): equal outputs, so no divergence_class."""
+    from src.decoding.stats import Generation, GenerationStats
+    from src.results.records import compare_with_baseline
+    from src.results.records import ok_record as build_ok_record
+
+    records = []
+    for method, cycles in (("baseline", []), ("speculative", [(3, 3)])):
+        stats = GenerationStats(target_calls=4 - 3 * len(cycles), prefill_s=0.1, decode_s=0.3)
+        for drafted, accepted in cycles:
+            stats.record_step(drafted, accepted)
+        stats.extra.update(target_s=0.3, draft_s=0.05, other_s=0.05)
+        common = {"run_id": "r1", "resume_key": f"mt_bench/1/1/{method}/abc", "method": method,
+                  "dataset": "mt_bench", "prompt_id": "1", "category": "writing", "turn": 1, "params": {},
+                  "target": {"name": "t"}, "system": SYSTEM}
+        record = build_ok_record(common, Generation([5, 6, 7, 2], stats, "eos"), "text")
+        if cost_profile:
+            record.update(predicted_target_s=0.25, predicted_draft_s=0.05, predicted_tokens_per_s=13.3,
+                          unexplained_share=0.25, cost_profile={"context": 8, "target_ms": {"1": 1.0}})
+        records.append(record)
+    compare_with_baseline(records, greedy=True)
+    return records
+
+
+def test_records_of_todays_writer_are_not_called_older(tmp_path):
+    records = todays_records()
+    assert [r["matches_baseline"] for r in records] == [True, True] and "divergence_class" not in records[1]
+    out = tmp_path / "report"
+    assert main([write(tmp_path / "r.jsonl", records), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "written before" not in md and "no cost-profile prediction" not in md
+
+
+def test_a_run_without_cost_profile_is_not_called_older():
+    from src.results.report.plots import missing_fields_blocks
+
+    notes = " ".join(block[1] for block in missing_fields_blocks(todays_records(cost_profile=False)))
+    assert "written before" not in notes
+    assert "measured no cost profile" in notes
+
+
+def test_older_records_name_the_near_tie_check_only_where_it_applies():
+    from src.results.report.plots import missing_fields_blocks
+
+    def note(records):
+        return " ".join(block[1] for block in missing_fields_blocks(records))
+
+    older = rich_records()  # no time split; speculative prompt 2 is off the baseline on turn 1, unclassed
+    assert "written before sp-samp recorded: time split (`target_s`), cost-profile prediction" in note(older)
+    assert "near-tie check (`divergence_class`)" in note(older)
+    equal = [r | {"matches_baseline": True} for r in older]
+    off_by_design = [ok_record("autojudge[threshold=0.3]", "1", matches_baseline=False, first_divergence=2),
+                     ok_record("speculative", "1", turn=2, matches_baseline=False, first_divergence=2)]
+    for records in (equal, equal + off_by_design):  # a lossy method, or a later turn, is never classed
+        assert "time split" in note(records) and "near-tie" not in note(records)

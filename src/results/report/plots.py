@@ -10,13 +10,16 @@ import numpy as np
 
 from src.results.report.blocks import Block, Plot, fmt, fmt_ci, fmt_pct
 from src.results.report.stats import method_of, method_order, natural_key, number_field, percentile_ci
-from src.results.schema import missing_optional
+from src.results.schema import method_family, missing_optional
 
 PLOT_NAMES = ("speedup", "time_split", "acceptance_per_position", "specexec_tree", "tokens_per_call_vs_tokens_per_s",
               "autojudge_accuracy")
-# Record fields added after the first results files; an older file lacks them and the report says so.
+# Record fields added after the first results files; an older file lacks them and the report says so. The three
+# arrived in one version, and today's writer gives every ok record a time split: a record with ``target_s`` is
+# new enough for the other two, so their absence there is no sign of age (see _predates).
 NEWER_FIELDS = {"target_s": "time split", "predicted_target_s": "cost-profile prediction",
                 "divergence_class": "near-tie check"}
+LOSSY_FAMILIES = ("autojudge",)  # off the baseline by design: the near-tie check never classes them
 
 
 def _figure(width: float = 8.0, height: float = 4.5):
@@ -266,13 +269,33 @@ def time_blocks(stats, records: list[dict[str, Any]], level: int) -> list[Block]
     return blocks
 
 
+def _predates(name: str, record: dict[str, Any]) -> bool:
+    """Whether an ok record lacks the newer field ``name`` because it is older: today's writer would have given
+    it one. The near-tie check classes only a lossless method's turn-1 output that is off the baseline's (equal
+    outputs and later turns carry no ``divergence_class``); a run without a cost profile carries no prediction."""
+    if name in record:
+        return False
+    if name == "divergence_class":
+        return (record.get("turn") == 1 and record.get("matches_baseline") is False
+                and method_family(method_of(str(record["method"]))) not in LOSSY_FAMILIES)
+    return "target_s" not in record
+
+
 def missing_fields_blocks(records: list[dict[str, Any]]) -> list[Block]:
-    """A note naming the newer fields an older results file lacks (their columns then show '-')."""
-    missing = missing_optional(records, NEWER_FIELDS)
-    if not missing:
-        return []
-    names = ", ".join(f"{NEWER_FIELDS[name]} (`{name}`)" for name in missing)
-    return [("p", f"These records were written before sp-samp recorded: {names}; those figures show '-'.")]
+    """Notes on the newer fields no record carries: written before sp-samp recorded them (their columns then
+    show '-'), or, for the prediction, by a run that measured no cost profile."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    missing = missing_optional(ok, NEWER_FIELDS)
+    older = [name for name in missing if any(_predates(name, r) for r in ok)]
+    blocks: list[Block] = []
+    if older:
+        names = ", ".join(f"{NEWER_FIELDS[name]} (`{name}`)" for name in older)
+        blocks.append(("p", f"These records were written before sp-samp recorded: {names}; those figures show '-'."))
+    if "predicted_target_s" in missing and "predicted_target_s" not in older:
+        blocks.append(("p", "These records carry no cost-profile prediction (`predicted_target_s`): their run "
+                            "measured no cost profile (`model.cost_profile: false`, or the measurement failed); "
+                            "predicted tok/s shows '-'."))
+    return blocks
 
 
 def plot_blocks(records, stats, level: int, prefix: str) -> list[Block]:
