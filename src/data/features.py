@@ -14,6 +14,8 @@ Pipeline:
 3. :class:`FeatureDataset` and :func:`collate_sequences` read them back for training;
 4. :func:`overlap_warning` flags training prompts that are also evaluation prompts.
 
+Steps 1 and 2 run for minutes on a real target: each shows a bar on stderr (:mod:`src.data.progress`).
+
 Store layout (``root``)::
 
     meta.json                  target identity, feature_dtype, max_length, sources, chat template hash
@@ -48,13 +50,14 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from src.data.progress import QUICK_PHASE_DELAY_S, phase_progress
 from src.decoding.base import input_device, layer_features
 from src.errors import IncompatibleModelsError, InvalidParameterError, MalformedInputError, MissingInputError
 from src.jsonl import append_rows, guard_meta, read_meta, read_rows
@@ -253,6 +256,7 @@ def generate_answers(
     temperature: float = 0.0,
     seed: int = 0,
     store: FeatureStore | None = None,
+    show_progress: bool = True,
 ) -> list[Conversation]:
     """The target's own answers to ``prompts`` (item id, user text), as conversations in the same order.
 
@@ -260,6 +264,7 @@ def generate_answers(
     else plain temperature sampling seeded per batch. The answer is decoded up to its first EOS, without
     special tokens, and stripped. With an (opened) ``store``, answers are appended to its ``answers.jsonl``
     batch by batch and reused on the next call, so a killed run does not generate them again.
+    ``show_progress``: a bar over the answers (:func:`src.data.progress.phase_progress`).
     """
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0:
         raise InvalidParameterError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size}, temperature="
@@ -269,16 +274,19 @@ def generate_answers(
     done = store.answers(settings) if store is not None else {}
     answers = {item: row["answer"] for item, row in done.items()}
     todo = [(item, text) for item, text in prompts if done.get(item, {}).get("user") != text]
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        batch_seed = _stable_int(f"{seed}:{batch[0][0]}")
-        texts = _generate_batch(target, tokenizer, [t for _, t in batch], max_new_tokens, temperature, batch_seed)
-        rows = [{"item_id": item, "user": text, "answer": answer, "settings": settings}
-                for (item, text), answer in zip(batch, texts)]
-        if store is not None:
-            store.add_answers(rows)
-        answers.update((row["item_id"], row["answer"]) for row in rows)
-        log.info("generated %d/%d answers", min(start + batch_size, len(todo)), len(todo))
+    # no bar when every answer is stored already (a second fit over the same store)
+    with phase_progress("self-distillation: target answers", len(prompts), len(prompts) - len(todo), "answer",
+                        show_progress and bool(todo)) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            batch_seed = _stable_int(f"{seed}:{batch[0][0]}")
+            texts = _generate_batch(target, tokenizer, [t for _, t in batch], max_new_tokens, temperature, batch_seed)
+            rows = [{"item_id": item, "user": text, "answer": answer, "settings": settings}
+                    for (item, text), answer in zip(batch, texts)]
+            if store is not None:
+                store.add_answers(rows)
+            answers.update((row["item_id"], row["answer"]) for row in rows)
+            bar.update(len(batch))
     return [Conversation(item, [_user(text), {"role": "assistant", "content": answers[item]}])
             for item, text in prompts]
 
@@ -518,14 +526,15 @@ def build_features(
     max_length: int = 1024,
     token_budget: int | None = None,
     time_budget_s: float | None = None,
-    progress: Callable[[dict[str, Any]], None] | None = None,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Teacher-force ``target`` over every unfinished conversation and append its features to ``store``.
 
     Items are sorted by length (longest first) and batched; already finished items are skipped (resume). Stops
     before the next batch once ``token_budget`` tokens were written or ``time_budget_s`` has passed; running
     again with the same store continues. Returns the counts (tokens, tokens_per_s, items_done, items_skipped,
-    items_unusable, items_left, stopped, message); ``progress`` gets them after every batch.
+    items_unusable, items_left, stopped, message). ``show_progress``: a bar over the conversations, starting at
+    those already stored (:func:`src.data.progress.phase_progress`).
     """
     _check_build_args(store, batch_size, max_length)
     conversations = [Conversation(*c) for c in conversations]  # plain (item_id, messages) tuples work too
@@ -533,7 +542,13 @@ def build_features(
     finished = store.finished_items()
     todo = [c for c in conversations if c.item_id not in finished]
     eos_ids = eos_token_ids(target, tokenizer)
-    encoded = [encode_conversation(tokenizer, c, max_length, eos_ids) for c in todo]
+    # Two chat-template renders per conversation: seconds for thousands, so a bar only when it takes that long.
+    with phase_progress("features: tokenizing conversations", len(todo), unit="conversation",
+                        enabled=show_progress, delay_s=QUICK_PHASE_DELAY_S) as bar:
+        encoded = []
+        for conversation in todo:
+            encoded.append(encode_conversation(tokenizer, conversation, max_length, eos_ids))
+            bar.update()
     items = sorted((e for e in encoded if e is not None), key=lambda e: (-len(e.input_ids), e.item_id))
     stats: dict[str, Any] = {
         "tokens": 0, "answer_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0, "items_done": 0,
@@ -541,15 +556,18 @@ def build_features(
         "items_left": len(items), "stopped": None, "message": "",
     }
     started = time.perf_counter()
-    for first in range(0, len(items), batch_size):
-        stats["stopped"] = _budget_hit(stats["tokens"], token_budget, time.perf_counter() - started, time_budget_s)
-        if stats["stopped"]:
-            break
-        batch = items[first : first + batch_size]
-        store.add_batch(batch, target_features(target, batch, store.dtype(), store.aux_layers()))
-        _count_batch(stats, batch, time.perf_counter() - started)
-        if progress is not None:
-            progress(dict(stats))
+    # The bar counts the usable conversations: one with no answer token within max_length is never stored.
+    with phase_progress("features: target hidden states", stats["items_skipped"] + len(items),
+                        stats["items_skipped"], "conversation", show_progress and bool(items)) as bar:
+        for first in range(0, len(items), batch_size):
+            stats["stopped"] = _budget_hit(stats["tokens"], token_budget, time.perf_counter() - started, time_budget_s)
+            if stats["stopped"]:
+                break
+            batch = items[first : first + batch_size]
+            store.add_batch(batch, target_features(target, batch, store.dtype(), store.aux_layers()))
+            _count_batch(stats, batch, time.perf_counter() - started)
+            bar.set_postfix_str(f"{stats['tokens']} tokens, {stats['tokens_per_s']:.0f} tokens/s", refresh=False)
+            bar.update(len(batch))
     stats["seconds"] = round(time.perf_counter() - started, 3)
     stats["message"] = _build_message(stats, store)
     (log.warning if stats["stopped"] else log.info)(stats["message"])

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from src.data import features
 from src.data.features import FeatureDataset, FeatureStore, collate_sequences
+from src.data.progress import QUICK_PHASE_DELAY_S, phase_progress, shows_progress
 from src.decoding.drafters import Drafter
 from src.decoding.eagle import EagleDrafter
 from src.errors import InvalidParameterError, UserInputError, check_positive_int, is_positive_int
@@ -162,7 +163,7 @@ class EagleDataModule(PromptDataModule):
             prompts = [(f"self:{p.prompt_id}", p.turns[0]) for p in source.load_prompts()]
             items += features.generate_answers(
                 module.pair.target.model, module.pair.tokenizer, prompts, self.self_distill_max_new_tokens,
-                self.feature_batch_size, store=self.store)
+                self.feature_batch_size, store=self.store, show_progress=shows_progress(self.trainer))
         return items
 
     @property
@@ -184,13 +185,14 @@ class EagleDataModule(PromptDataModule):
         if warning:
             log.warning(warning)
         done = store.finished_items()
-        todo = [item for item in items if item[0] not in done]
-        if not todo:
+        if all(item[0] in done for item in items):
             log.info("feature store %s: %d conversations already built", store.root, len(done))
             return
+        # every conversation, the stored ones too: build_features skips them, and its bar starts at their count
         report = features.build_features(
-            module.pair.target.model, module.pair.tokenizer, todo, store, batch_size=self.feature_batch_size,
-            max_length=self.max_length, token_budget=self.token_budget, time_budget_s=self.time_budget_s)
+            module.pair.target.model, module.pair.tokenizer, items, store, batch_size=self.feature_batch_size,
+            max_length=self.max_length, token_budget=self.token_budget, time_budget_s=self.time_budget_s,
+            show_progress=shows_progress(self.trainer))
         log.info("EAGLE features: %s", report)
 
     def evaluation_texts(self) -> list[str]:
@@ -214,8 +216,12 @@ class EagleDataModule(PromptDataModule):
     def token_counts(self, vocab_size: int) -> torch.Tensor:
         """How often each id occurs in the training sequences (ranks the head's vocabulary subset)."""
         counts = torch.zeros(vocab_size, dtype=torch.long)
-        for ids in self.train_set.token_ids():
-            counts += torch.bincount(ids[ids < vocab_size], minlength=vocab_size)
+        # one shard read per conversation: quick for a few hundred, so a bar only once it takes a while
+        with phase_progress("draft vocabulary: counting tokens", len(self.train_set), unit="conversation",
+                            enabled=shows_progress(self.trainer), delay_s=QUICK_PHASE_DELAY_S) as bar:
+            for ids in self.train_set.token_ids():
+                counts += torch.bincount(ids[ids < vocab_size], minlength=vocab_size)
+                bar.update()
         return counts
 
     def train_dataloader(self) -> DataLoader:
