@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from src.data.progress import QUICK_PHASE_DELAY_S, phase_progress
 from src.decoding.base import vocab_width
 from src.decoding.branches import BranchDecoder, greedy_answers
 from src.decoding.sampling import SamplingConfig, logits_to_probs
@@ -275,8 +276,9 @@ class LabelStore:
             "found": mined.found, "answer_tokens": len(mined.answer_tokens), "seconds": round(seconds, 3),
         }])
 
-    def load(self) -> LabelSet:
-        """Every label of a finished prompt (rows of an unfinished prompt, from a killed run, are ignored)."""
+    def load(self, show_progress: bool = True) -> LabelSet:
+        """Every label of a finished prompt (rows of an unfinished prompt, from a killed run, are ignored).
+        ``show_progress``: a bar over the labels, should reading their shards take a while."""
         from safetensors.torch import load_file
 
         finished = self.finished_prompts()
@@ -286,11 +288,15 @@ class LabelStore:
         rows = list(latest.values())
         shards: dict[str, dict[str, torch.Tensor]] = {}
         draft, target = [], []
-        for r in rows:
-            if r["shard"] not in shards:
-                shards[r["shard"]] = load_file(str(self.root / r["shard"]))
-            draft.append(shards[r["shard"]]["draft_hidden"][r["row"]])
-            target.append(shards[r["shard"]]["target_hidden"][r["row"]])
+        # one shard per prompt: seconds for thousands of prompts (configs/autojudge-long.yaml mines 7,473)
+        with phase_progress("reading AutoJudge labels", len(rows), unit="label", enabled=show_progress,
+                            delay_s=QUICK_PHASE_DELAY_S) as bar:
+            for r in rows:
+                if r["shard"] not in shards:
+                    shards[r["shard"]] = load_file(str(self.root / r["shard"]))
+                draft.append(shards[r["shard"]]["draft_hidden"][r["row"]])
+                target.append(shards[r["shard"]]["target_hidden"][r["row"]])
+                bar.update()
         if not rows:
             return LabelSet(torch.empty(0, 0), torch.empty(0, 0), torch.empty(0), [], [])
         stats = None

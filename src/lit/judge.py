@@ -28,6 +28,7 @@ from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, Bin
 
 from src.data.answers import extract_answer
 from src.data.mining import LabelStore, mine_prompts
+from src.data.progress import phase_progress, shows_progress
 from src.decoding.autojudge import AutoJudge
 from src.errors import InvalidParameterError, MalformedInputError, MissingInputError
 from src.lit.data import PromptDataModule
@@ -156,9 +157,10 @@ class JudgeDataModule(PromptDataModule):
             raise InvalidParameterError("mining needs the model's target and draft: use AutoJudgeModule with a draft")
         module.ensure_pair(with_draft=True)
         self.store.open(self.mining_settings(module))
-        self._mine(module, todo, len(done))
+        self._mine(module, todo, len(prompts) - len(todo))
 
     def _mine(self, module: DecodingModule, prompts, already: int) -> None:
+        """Mine ``prompts`` (those of the source not in the store yet; ``already`` of it are) group by group."""
         pair, tokenizer = module.pair, module.pair.tokenizer
         start = time.monotonic()
 
@@ -170,40 +172,43 @@ class JudgeDataModule(PromptDataModule):
         def encode(prompt) -> list[int]:  # formatted as predict formats a first turn
             return module.first_turn_ids(options, prompt.turns[0])[0][0].tolist()
 
-        progress = _progress(len(prompts), "mining AutoJudge labels")
-        labels = important = skipped = 0
-        for first in range(0, len(prompts), self.mine_group):
-            if time.monotonic() - start > self.mine_time_budget_s:
-                log.warning("mining budget (%.0f s) spent: %d prompts left; rerun fit to go on", self.mine_time_budget_s,
-                            len(prompts) - first)
-                break
-            group = prompts[first : first + self.mine_group]
-            group_start = time.monotonic()
-            mined = mine_prompts(
-                pair.target.model, pair.draft.model, [encode(p) for p in group], self.mine_max_new_tokens,
-                pair.eos_token_ids, answer_of, self.mine_max_mismatches,
-                seeds=[prompt_seed(p.prompt_id, self.seed) for p in group], fork_batch=self.mine_fork_batch,
-            )
-            seconds = (time.monotonic() - group_start) / len(group)
-            for prompt, result in zip(group, mined):
-                self.store.add(prompt.prompt_id, result, seconds)
-                labels += len(result.mismatches)
-                important += sum(m.label for m in result.mismatches)
-                skipped += result.stopped_by in ("unfinished", "no_answer")
-            progress.update(len(group))
-            minutes = (time.monotonic() - start) / 60
-            progress.set_postfix_str(f"{labels} labels ({labels / minutes:.0f}/min), {important} important, "
-                                     f"{skipped} skipped")
-        progress.close()
+        labels = important = skipped = mined_prompts = left = 0
+        with phase_progress("mining AutoJudge labels", already + len(prompts), already, "prompt",
+                            shows_progress(self.trainer)) as bar:
+            for first in range(0, len(prompts), self.mine_group):
+                if time.monotonic() - start > self.mine_time_budget_s:
+                    left = len(prompts) - first
+                    break
+                group = prompts[first : first + self.mine_group]
+                group_start = time.monotonic()
+                mined = mine_prompts(
+                    pair.target.model, pair.draft.model, [encode(p) for p in group], self.mine_max_new_tokens,
+                    pair.eos_token_ids, answer_of, self.mine_max_mismatches,
+                    seeds=[prompt_seed(p.prompt_id, self.seed) for p in group], fork_batch=self.mine_fork_batch,
+                )
+                seconds = (time.monotonic() - group_start) / len(group)
+                for prompt, result in zip(group, mined):
+                    self.store.add(prompt.prompt_id, result, seconds)
+                    labels += len(result.mismatches)
+                    important += sum(m.label for m in result.mismatches)
+                    skipped += result.stopped_by in ("unfinished", "no_answer")
+                mined_prompts += len(group)
+                minutes = (time.monotonic() - start) / 60
+                bar.set_postfix_str(f"{labels} labels ({labels / minutes:.0f}/min), {important} important, "
+                                    f"{skipped} skipped", refresh=False)
+                bar.update(len(group))
+        if left:  # after the bar's last line, not inside it
+            log.warning("mining budget (%.0f s) spent: %d prompts left; rerun fit to go on", self.mine_time_budget_s,
+                        left)
         minutes = (time.monotonic() - start) / 60
         log.info("mined %d labels (%d important) from %d prompts (+%d earlier) in %.1f min (%.1f labels/min) into %s",
-                 labels, important, progress.n, already, minutes, labels / max(minutes, 1e-9), self.store.root)
+                 labels, important, mined_prompts, already, minutes, labels / max(minutes, 1e-9), self.store.root)
 
     # ---- training data --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return super().setup(stage)
-        labels = self.store.load()
+        labels = self.store.load(show_progress=shows_progress(self.trainer))
         if len(labels) == 0:
             raise MissingInputError(
                 f"label store {self.store.root} holds no labels: mine more prompts (mine_prompts, "
@@ -293,12 +298,6 @@ def gather_validation_rows(
     every other rank's: the distributed sampler splits the rows and pads the shards with repeats."""
     local = [torch.cat(held) if held else torch.empty(0) for held in (rows, scores, labels)]
     return gather_unique(*local)
-
-
-def _progress(total: int, description: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="prompt")
 
 
 class AutoJudgeModule(DecodingModule):
