@@ -28,15 +28,19 @@ WORDS = [f"w{i}" for i in range(60)]
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
+    return save_tiny_checkpoint(tmp_path)
+
+
+def save_tiny_checkpoint(folder):
     """A tiny random Llama + tokenizer saved as a local folder, as a user's own checkpoint would be."""
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
-    word_tokenizer(WORDS).save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(folder / "tiny")
+    word_tokenizer(WORDS).save_pretrained(folder / "tiny")
+    return folder / "tiny"
 
 
 def test_local_folder_loads_with_requested_dtype(tiny_model_dir):

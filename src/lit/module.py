@@ -78,7 +78,7 @@ class DecodingModule(L.LightningModule):
         if max_new_tokens < 1:
             raise InvalidParameterError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")
         self.target_spec = target
-        self.draft_spec = draft
+        self.draft_spec = draft.resolved_against(target) if draft is not None else None
         self.methods = list(methods) if methods else [Baseline()]
         self.method_keys = method_keys([describe(m) for m in self.methods])
         if len(set(self.method_keys)) != len(self.method_keys):

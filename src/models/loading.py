@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from src.errors import MissingInputError
+from src.errors import InvalidParameterError, MissingInputError
 from src.models.embedded import ensure_converted, is_embedded
 from src.models.gguf import clear_gguf_quantized_flag, unsupported_gguf
+from src.models.quantize import TORCHAO_QUANTIZATIONS, import_torchao, quantize_weights
 from src.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,8 @@ def _unreachable(spec: ModelSpec, error: OSError) -> MissingInputError:
 
 
 def _quantization_config(spec: ModelSpec):
-    if spec.quantization == "none":
+    """transformers' quantization config for bitsandbytes; None otherwise (torchao quantizes after loading)."""
+    if not spec.quantization.startswith("bnb-"):
         return None
     from transformers import BitsAndBytesConfig
 
@@ -124,12 +126,22 @@ def _device_description(model, first_device) -> str:
     return str(device_map) if len(devices) > 1 else str(first_device)
 
 
+def _dtype_name(model) -> str:
+    """The compute dtype: the embeddings' (torchao's quantized weights report their own dtype, not int8)."""
+    return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+
+
 def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
     """Load weights + tokenizer as ``spec`` says; the model comes back in eval mode without gradients."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor bars drown the run's own progress bar
+    if spec.quantization == "auto":
+        raise InvalidParameterError(
+            f"quantization 'auto' of {spec.name_or_path!r} is chosen by predict's run start (a draft only): "
+            "give a fixed quantization here (none, bnb-8bit, bnb-4bit, torchao-int8, torchao-int4)")
+    import_torchao()  # transformers imports it when installed; first here, without its import-time log lines
 
     source, gguf_file = resolve_source(spec)
     if tokenizer is None:
@@ -166,13 +178,13 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
         clear_gguf_quantized_flag(model)
     model.eval().requires_grad_(False)
     _make_resident(model)
+    if spec.quantization in TORCHAO_QUANTIZATIONS:  # after the copy: torchao's tensors are built in memory
+        quantize_weights(model, spec.quantization, spec.int4_group_size)
     first = next(model.parameters())
     info = {
         "name": spec.name_or_path,
         "source": source,
-        "dtype": str(first.dtype).removeprefix("torch.")
-        if spec.quantization == "none"
-        else spec.bnb_compute_dtype,
+        "dtype": spec.bnb_compute_dtype if spec.quantization.startswith("bnb-") else _dtype_name(model),
         "device": _device_description(model, first.device),
         "quantization": spec.quantization
         + (f"-{spec.bnb_4bit_quant_type}" if spec.quantization == "bnb-4bit" else ""),

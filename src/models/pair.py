@@ -40,8 +40,10 @@ class ModelPair:
 
 
 def load_pair(target: ModelSpec, draft: ModelSpec | None) -> ModelPair:
-    """Load the target, and the draft after checking its tokenizer (before its weights load)."""
+    """Load the target, and the draft after checking its tokenizer (before its weights load); a draft named
+    ``target`` is the target's own checkpoint (:meth:`ModelSpec.resolved_against`)."""
     target_tokenizer = load_tokenizer(target)
+    draft = draft.resolved_against(target) if draft is not None else None
     draft_tokenizer = None
     if draft is not None:
         draft_tokenizer = load_tokenizer(draft)
