@@ -20,7 +20,9 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 
 from src.cli_help import subcommand_help
 from src.errors import InvalidParameterError, MissingInputError, UserInputError
+from src.lit import interrupts
 from src.lit.distributed import release_process_group
+from src.lit.interrupts import RunInterrupted
 from src.lit.progress import use_speedup_progress_bar
 from src.lit.reporting import MetricsReporter
 from src.lit.results import ResultsWriter
@@ -90,6 +92,51 @@ def finish_wandb_runs(trainer) -> None:
             run.finish()
 
 
+class StopOnSignal(L.Callback):
+    """SIGINT / SIGTERM during a run (src.lit.interrupts): predict stops between prompts, everything else at once.
+
+    Lightning installs its own SIGTERM handler just before the loops start; the loop-start hooks put ours back.
+    """
+
+    def __init__(self) -> None:
+        self.decoding = False  # inside predict's loop over prompts
+        self.decoded = False  # the loop has ended (stopped or not)
+        self.interrupted_in_loop = False  # a stop at once ended the loop between its start and its end
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        interrupts.forward_sigterm_to(getattr(trainer.strategy.launcher, "procs", None) or [])
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        interrupts.take_over()
+        self.decoding = True
+        interrupts.stop_between_prompts(True)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if interrupts.requested() is not None:
+            # Lightning's predict loop has no should_stop; it ends on StopIteration, also raised by the hooks of a
+            # step, and then runs on_predict_end as after the last prompt: the summary, the wandb runs and the
+            # part-file merge happen as in a complete run.
+            raise StopIteration
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._leave_loop()
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        interrupts.take_over()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        interrupts.take_over()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.interrupted_in_loop = self.decoding
+        self._leave_loop()
+
+    def _leave_loop(self) -> None:
+        self.decoded = self.decoded or self.decoding
+        self.decoding = False
+        interrupts.stop_between_prompts(False)
+
+
 # The options of ours next to LightningCLI's: name -> (type, default, help). ``--help`` lists them first.
 RUN_OPTIONS: dict[str, tuple[object, object, str]] = {
     "output": (str, "datasets/results.jsonl", "predict: the JSONL results file (created with its first record)"),
@@ -134,6 +181,16 @@ class SpSampCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         quiet_libraries(verbose=bool(config.get("verbose")))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self.stop_on_signal = StopOnSignal()
+        self.trainer.callbacks.append(self.stop_on_signal)
+        try:
+            super()._run_subcommand(subcommand)
+        except RunInterrupted as stop:
+            if stop.message is None:  # stopped at once (not between prompts): say what is kept
+                stop.message = self.fit_stop_message(stop) if subcommand == "fit" else self.stopped_predict(stop)
+            raise
 
     def _set_seed(self) -> None:
         """Seed with ``--model.seed`` when ``--seed_everything`` is left at its default, so the one seed a user
@@ -192,17 +249,72 @@ class SpSampCLI(LightningCLI):
 
     def after_predict(self) -> None:
         """Rank 0 prints the summary and the record counts (totals over every rank); every rank exits non-zero
-        when every record failed."""
+        when every record failed, with 128 + the signal's number when a signal stopped it between prompts."""
         writer = self.results_writer
         if self.trainer.is_global_zero:
             if self.reporter.summary:
                 print("\n" + format_summary_table(self.reporter.summary))
-            skipped = f", {len(writer.previous)} already done" if writer.previous else ""
-            print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}")
+            self.print_record_counts()
         finish_wandb_runs(self.trainer)
         release_process_group()
+        if writer.stopped_by is not None:
+            stop = RunInterrupted(writer.stopped_by)
+            stop.message = self.predict_stop_message(stop, f"after {writer.prompts_done} of {self.prompt_count()} prompts")
+            raise stop
         if writer.written and not writer.ok:
             raise SystemExit(f"error: every record failed; see the 'error' fields in {writer.output}")
+
+    def print_record_counts(self) -> None:
+        writer = self.results_writer
+        skipped = f", {len(writer.previous)} already done" if writer.previous else ""
+        print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}", flush=True)
+
+    def prompt_count(self) -> int:
+        return len(getattr(self.datamodule, "prompts", None) or [])
+
+    def predict_stop_message(self, stop: RunInterrupted, where: str, left: str = "") -> str:
+        writer = getattr(self, "results_writer", None)
+        left = left or f"{self.prompt_count() - (writer.prompts_done if writer is not None else 0)} prompts left"
+        command = interrupts.resume_command(interrupts.argv() or sys.argv[1:], resume=True)
+        return f"stopped by {stop.what} {where}, {left}; resume with: {command}"
+
+    def stopped_predict(self, stop: RunInterrupted) -> str:
+        """A predict stopped at once: rank 0 prints the counts so far; the wandb runs are closed."""
+        writer = getattr(self, "results_writer", None)
+        callback = self.stop_on_signal
+        left, started = "", writer is not None and (callback.decoding or callback.decoded)
+        if not started:
+            where = "before the first prompt"
+        elif self.trainer.world_size > 1:  # each rank knows its own prompts only
+            where = "while the ranks decoded"
+            left = "the ranks' part files are folded into the output by the resume"
+        elif callback.interrupted_in_loop:
+            where = f"after {writer.prompts_done} of {self.prompt_count()} prompts (the one in flight is not written)"
+        else:
+            where = f"after {writer.prompts_done} of {self.prompt_count()} prompts"
+        if started and self.trainer.is_global_zero and self.trainer.world_size == 1:
+            self.print_record_counts()
+        try:
+            finish_wandb_runs(self.trainer)
+        except Exception:  # a wandb run that cannot finish must not hide why the run stopped
+            pass
+        return self.predict_stop_message(stop, where, left)
+
+    def fit_stop_message(self, stop: RunInterrupted) -> str:
+        """What a stopped fit keeps: the label / feature store continues on the next fit; so may a checkpoint."""
+        store = getattr(self.datamodule, "store", None)
+        kind = {"LabelStore": "AutoJudge label store", "FeatureStore": "EAGLE feature store"}.get(type(store).__name__)
+        root = getattr(store, "root", None)
+        if kind and root is not None:
+            kept = f"the {kind} {root} keeps what was done and the same command continues it (training starts over)"
+        else:
+            kept = "nothing is kept (training starts over)"
+        last = [Path(c.dirpath) / "last.ckpt" for c in self.trainer.checkpoint_callbacks
+                if getattr(c, "save_last", False) and getattr(c, "dirpath", None)]
+        if any(path.is_file() for path in last):
+            kept += f"; add --ckpt_path last to continue training from {next(p for p in last if p.is_file())}"
+        command = interrupts.resume_command(interrupts.argv() or sys.argv[1:], resume=False)
+        return f"stopped by {stop.what} during fit: {kept}; rerun: {command}"
 
     def before_fit(self) -> None:
         if self.config[self.subcommand].require_headless:

@@ -4,6 +4,9 @@ Under a data-parallel strategy (``--trainer.devices N --trainer.strategy ddp``) 
 its own part file ``<output>.rank<R>.part`` next to the output; at the end of predict rank 0 merges the parts into
 the output (in prompt order, each ``ok`` resume key once) and deletes them. Part files left by a killed run are
 folded into the output by the next ``--resume true`` run before it starts, so their records are not redone.
+
+A SIGINT / SIGTERM never cuts a line (src.lit.interrupts): the stop waits for the end of the prompt's records,
+of a repair or of a merge.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import lightning as L
 
 from src.errors import OutputExistsError, OutputNotWritableError
 from src.jsonl import repair_lines
+from src.lit import interrupts
+from src.lit.distributed import gather_from_ranks
 from src.results.files import merge_parts, part_files, part_path, prompt_order, read_ok_records
 from src.results.records import fingerprint_differences, fingerprint_id
 
@@ -33,7 +38,9 @@ class ResultsWriter(L.Callback):
     one process the records go straight to the output; with several, to this rank's part file, merged by rank 0
     in ``on_predict_end``. Files are created with their first record.
 
-    ``written`` / ``ok`` count this run's records: after predict, over all ranks.
+    ``written`` / ``ok`` count this run's records and ``prompts_done`` the prompts it went through (new records or
+    not): after predict, over all ranks. ``stopped_by``: after predict, the signal that stopped it between
+    prompts on any rank (None when it went through every prompt).
 
     Args:
         output: the results JSONL file.
@@ -49,6 +56,8 @@ class ResultsWriter(L.Callback):
         self.previous: dict[str, dict[str, Any]] = {}  # resume_key -> ok record of an earlier run
         self.written = 0
         self.ok = 0
+        self.prompts_done = 0
+        self.stopped_by: int | None = None
         self.target = self.output  # the file this process appends to
         self.world_size = 1
 
@@ -57,11 +66,13 @@ class ResultsWriter(L.Callback):
             return
         strategy = trainer.strategy
         self.world_size = trainer.world_size
-        self.written = self.ok = 0
+        self.written = self.ok = self.prompts_done = 0
+        self.stopped_by = None
         problem, previous = None, {}
         if trainer.is_global_zero:
             try:
-                previous = self._prepare_output(prompt_order(trainer.datamodule))
+                with interrupts.deferred():  # a repair or a fold rewrites the output
+                    previous = self._prepare_output(prompt_order(trainer.datamodule))
                 self._check_configuration(previous, pl_module, trainer.datamodule)
             except (OSError, ValueError) as error:  # raised on every rank alike below: no rank is left waiting
                 problem = error
@@ -119,13 +130,15 @@ class ResultsWriter(L.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            with self.target.open("a", encoding="utf-8") as handle:
-                for record in outputs or []:
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    handle.flush()
-                    self.written += 1
-                    self.ok += record.get("status") == "ok"
+            with interrupts.deferred():  # a prompt's records are all written or, when stopped before, none
+                self.target.parent.mkdir(parents=True, exist_ok=True)
+                with self.target.open("a", encoding="utf-8") as handle:
+                    for record in outputs or []:
+                        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        handle.flush()
+                        self.written += 1
+                        self.ok += record.get("status") == "ok"
+                self.prompts_done += 1
         except OSError as error:
             raise OutputNotWritableError(
                 f"cannot append to {self.target} ({error.strerror or error}): the {self.written} records written "
@@ -134,14 +147,19 @@ class ResultsWriter(L.Callback):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if self.world_size <= 1:
+            self.stopped_by = interrupts.requested()
             return
         strategy = trainer.strategy
         strategy.barrier("results_writer_merge")  # every rank has finished its part
+        progress = gather_from_ranks((self.prompts_done, interrupts.requested()))
+        self.prompts_done = sum(done for done, _ in progress)
+        self.stopped_by = next((signum for _, signum in progress if signum is not None), None)
         merged, problem = (0, 0), None
         if trainer.is_global_zero:
             parts = [p for p in (part_path(self.output, rank) for rank in range(self.world_size)) if p.exists()]
             try:
-                merged = merge_parts(self.output, parts, prompt_order(trainer.datamodule)) if parts else (0, 0)
+                with interrupts.deferred():
+                    merged = merge_parts(self.output, parts, prompt_order(trainer.datamodule)) if parts else (0, 0)
             except (OSError, ValueError) as error:
                 problem = OutputNotWritableError(f"cannot merge the part files into {self.output}: {error}")
         merged, problem = strategy.broadcast((merged, problem), src=0)
