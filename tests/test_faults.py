@@ -196,7 +196,7 @@ def test_short_help_shows_our_options_and_methods_list_their_parameters(capsys):
     assert len(text.splitlines()) < 150
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
-    for parameter in ("SpeculativeSampling", "k: int (default 4)", "budget: int (default 32)", "judge_path"):
+    for parameter in ("SpeculativeSampling", "k: int | Literal['auto'] (default 4)", "budget: int | Literal['auto'] (default 32)", "judge_path"):
         assert parameter in text
 
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 from conftest import write_tiny_predict_config
 
-from src.tools.tune import chain_prediction, main, survival_curve
+from src.decoding.profile import chain_prediction
+from src.tools.tune import main, survival_curve
 
 
 def test_chain_prediction_formula_and_tail():

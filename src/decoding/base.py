@@ -29,7 +29,9 @@ from src.decoding.kv import new_cache
 from src.decoding.sampling import SamplingConfig
 from src.decoding.stats import Generation, GenerationStats
 from src.decoding.timing import timed_stage
-from src.errors import InvalidParameterError
+from src.errors import InvalidParameterError, check_positive_int
+
+AUTO = "auto"  # a parameter value meaning "chosen by measurement at run start" (k, budget, max_depth)
 
 
 def input_device(model) -> torch.device:
@@ -163,6 +165,20 @@ class DecodingMethod(ABC):
         """Every parameter that shapes the output, defaults included. The method key and what a record carries
         are decided in src.results.keys (older results files keep their keys there)."""
         return {}
+
+    def auto_params(self) -> list[str]:
+        """The parameters configured as ``auto``: chosen by measurement at run start (:mod:`src.lit.auto`), then
+        set with :meth:`resolve`."""
+        return [name for name, value in self.params().items() if value == AUTO]
+
+    def resolve(self, values: dict[str, int]) -> None:
+        """Set the ``auto`` parameters to the values chosen for this machine (each checked as its own option)."""
+        unknown = sorted(set(values) - set(self.auto_params()))
+        if unknown:
+            raise InvalidParameterError(f"{self.name}: {unknown} are not 'auto' parameters of this method")
+        for name, value in values.items():
+            check_positive_int(name, value)
+            setattr(self, name, value)
 
     def input_files(self) -> list[str]:
         """Files this method reads (a trained judge or head): a run fingerprint hashes them, and no results file

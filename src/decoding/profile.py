@@ -216,3 +216,41 @@ times ``draft_calls``, or ``drafted_tokens`` for a lookup, which reports no draf
         "predicted_tokens_per_s": record["new_tokens"] / seconds if seconds > 0 else None,
         "unexplained_share": 1 - seconds / wall if wall > 0 else None,
     }
+
+
+# ---------------------------------------------------------------- choosing a chain length or a draft copy
+
+
+def chain_prediction(survival: list[float], k: int, target_ms, draft_ms_per_token: float,
+                     harness_ms_per_call: float) -> tuple[float, float]:
+    """(tokens per call, predicted tok/s) of a k-chain: (1 + sum_{i<=k} S_i) / (T(k+1) + k d + h), with S_i =
+    P(at least i drafts accepted), ``target_ms(n)`` = T(n), d the drafter's ms per proposed token and h the harness
+    ms per call; positions past the measured curve continue its last ratio (a geometric tail)."""
+    curve = list(survival)
+    while len(curve) < k:
+        ratio = curve[-1] / curve[-2] if len(curve) >= 2 and curve[-2] > 0 else 0.0
+        curve.append(curve[-1] * ratio if curve else 0.0)
+    per_call = 1 + sum(curve[:k])
+    seconds = (target_ms(k + 1) + k * draft_ms_per_token + harness_ms_per_call) / 1000
+    return per_call, per_call / seconds
+
+
+def greedy_survival(agreement: list[bool], k: int) -> list[float]:
+    """S_1..S_k of greedy k-chains along a sequence the target decoded itself: ``agreement[t]`` says whether the
+    draft's argmax after the first t tokens equals the target's token t. In greedy decoding every accepted token
+    is the target's, so the draft proposes from the true prefix and this replay is exact: a cycle starting at t
+    accepts the run of agreements from t (at most k), emits the target's next token and the next cycle starts
+    after it. S_i = cycles accepting >= i / cycles (the last cycles, near the end, offer fewer)."""
+    at_least = [0] * k
+    offered = [0] * k
+    t = 0
+    while t < len(agreement):
+        room = min(k, len(agreement) - t)
+        run = 0
+        while run < room and agreement[t + run]:
+            run += 1
+        for i in range(room):
+            offered[i] += 1
+            at_least[i] += i < run
+        t += run + 1
+    return [a / o if o else 0.0 for a, o in zip(at_least, offered)]

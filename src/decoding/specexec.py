@@ -24,11 +24,12 @@ one that ``offers_continuations`` (prompt lookup) gives deterministic branches m
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from src.decoding.base import (
+    AUTO,
     DecodingMethod,
     GenerationState,
     input_device,
@@ -50,6 +51,9 @@ from src.errors import InvalidParameterError, check_positive_int
 # 1.0 / 0.5 / 0.3 gave 3.8 / 3.9 / 3.7.
 GREEDY_SCORING_TEMPERATURE = 0.3
 
+# The (budget, max_depth) shapes that ``budget: auto, max_depth: auto`` chooses among, each decoded once on the
+# calibration prompt at run start (src.lit.auto): from a near-chain to the shape of the SpecExec paper's CPU runs.
+AUTO_SHAPES = ((4, 2), (8, 4), (16, 6), (32, 8))
 
 class SpecExec(DecodingMethod):
     """SpecExec: exact sampling from the target along a best-first draft tree (see the module docstring).
@@ -57,6 +61,8 @@ class SpecExec(DecodingMethod):
     Args:
         budget: maximum number of drafted tree nodes (root excluded) verified per target forward.
         max_depth: maximum number of growth rounds (draft forwards) per iteration, hence the tree depth.
+            ``budget: auto`` with ``max_depth: auto``: the fastest of :data:`AUTO_SHAPES` on a calibration prompt
+            at run start (:mod:`src.lit.auto`).
         max_beams: nodes expanded per growth round, in one batched draft forward
             (``parallel_branches`` in the older tool).
         max_branch_width: children proposed by each expanded node (its top tokens under q).
@@ -88,21 +94,25 @@ class SpecExec(DecodingMethod):
 
     def __init__(
         self,
-        budget: int = 32,
-        max_depth: int = 8,
+        budget: int | Literal["auto"] = 32,
+        max_depth: int | Literal["auto"] = 8,
         max_beams: int = 8,
         max_branch_width: int = 8,
         prune_threshold: float = 0.0,
         scoring_temperature: float | None = None,
         drafter: Drafter | None = None,
     ) -> None:
+        if (budget == AUTO) != (max_depth == AUTO):
+            raise InvalidParameterError(f"budget={budget!r}, max_depth={max_depth!r}: a tree shape is chosen as a "
+                                        "whole: set both to 'auto' or give both")
         for label, value in (
             ("budget", budget),
             ("max_depth", max_depth),
             ("max_beams", max_beams),
             ("max_branch_width", max_branch_width),
         ):
-            check_positive_int(label, value)
+            if value != AUTO:
+                check_positive_int(label, value)
         if not 0.0 <= prune_threshold < 1.0:
             raise InvalidParameterError(
                 f"prune_threshold={prune_threshold!r} is outside [0, 1): use 0.0 to disable pruning or e.g. 1e-4"
@@ -139,7 +149,8 @@ class SpecExec(DecodingMethod):
         return self.drafter.needs_draft_model
 
     def verify_width(self) -> int:
-        return self.budget + 1  # the tree + its root
+        budget = max(b for b, _ in AUTO_SHAPES) if self.budget == AUTO else self.budget
+        return budget + 1  # the tree + its root
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from src.decoding.base import DecodingMethod, GenerationState, input_device, shared_vocab
+from src.decoding.base import AUTO, DecodingMethod, GenerationState, input_device, shared_vocab
 from src.decoding.chain import check_chain_length, commit_chain, verify_chain
 from src.decoding.drafters import Drafter, ModelDrafter
 from src.decoding.sampling import SamplingConfig, logits_to_probs, residual_distribution, sample
@@ -51,7 +51,8 @@ class SpeculativeSampling(DecodingMethod):
 
     Args:
         k: draft tokens proposed per target forward (the starting value under the heuristic schedule; never more
-            than ``max_new_tokens`` still allows).
+            than ``max_new_tokens`` still allows); ``auto``: chosen at run start from the cost model and a short
+            calibration (:mod:`src.lit.auto`), at most ``max_k``.
         schedule: ``"constant"`` keeps ``k``; ``"heuristic"`` adds 2 after a fully accepted chain and removes 1
             otherwise, within [1, max_k] (HF's ``num_assistant_tokens_schedule="heuristic"``).
         max_k: the largest chain the heuristic schedule may reach.
@@ -73,16 +74,20 @@ class SpeculativeSampling(DecodingMethod):
 
     def __init__(
         self,
-        k: int = 4,
+        k: int | Literal["auto"] = 4,
         schedule: Literal["constant", "heuristic"] = "constant",
         max_k: int = 16,
         confidence_threshold: float = 0.0,
         drafter: Drafter | None = None,
     ) -> None:
-        check_chain_length(k)
+        if k != AUTO:
+            check_chain_length(k)
         if schedule not in ("constant", "heuristic"):
             raise InvalidParameterError(f"schedule={schedule!r} is unknown: use 'constant' or 'heuristic'")
-        check_positive_int("max_k", max_k, f"use an integer >= k ({k})", minimum=k)
+        if k == AUTO and schedule != "constant":
+            raise InvalidParameterError("k='auto' chooses one constant chain length: use schedule 'constant' with it, "
+                                        "or a number k with the heuristic schedule")
+        check_positive_int("max_k", max_k, f"use an integer >= k ({k})", minimum=1 if k == AUTO else k)
         if not 0.0 <= confidence_threshold < 1.0:
             raise InvalidParameterError(
                 f"confidence_threshold={confidence_threshold!r} is outside [0, 1): use 0 to disable it or e.g. 0.4"
@@ -121,7 +126,8 @@ class SpeculativeSampling(DecodingMethod):
                 **self.drafter.params()}
 
     def verify_width(self) -> int:
-        return (self.max_k if self.schedule != "constant" else self.k) + 1  # the chain + the last committed token
+        longest = self.max_k if self.schedule != "constant" or self.k == AUTO else self.k
+        return longest + 1  # the chain + the last committed token
 
     def input_files(self) -> list[str]:
         """A restricted draft vocabulary's token map: hashed into the run fingerprint."""

@@ -21,10 +21,12 @@ from src.decoding.profile import measure_profile, predict
 from src.decoding.sampling import SamplingConfig, make_generator
 from src.decoding.timing import timed_generate
 from src.errors import InvalidParameterError
+from src.lit.auto import apply_reused, auto_methods, resolve, reused_choices
 from src.lit.system import system_info
 from src.models.loading import load_tokenizer
 from src.models.pair import ModelPair, load_pair
 from src.models.spec import ModelSpec
+from src.models.tokenizer_guard import check_tokenizers
 from src.results.keys import describe, method_keys
 from src.results.records import (
     classify_divergence,
@@ -93,6 +95,7 @@ class DecodingModule(L.LightningModule):
         self._profile_tried = False
         self.run_id = uuid.uuid4().hex[:12]
         self.previous_records: dict[str, dict[str, Any]] = {}  # resume_key -> ok record from an earlier run
+        self.auto_choices: dict[str, dict[str, Any]] = {}  # method key -> what its `auto` resolved to (src.lit.auto)
         self.pair: ModelPair | None = None  # a plain holder: Lightning must not move or cast these models
         self._tokenizer = None  # loaded alone (cheap) when a fingerprint is needed before the models load
         self._fingerprints: dict[str, dict[str, dict[str, Any]]] = {}  # prompt options (JSON) -> method key -> fp
@@ -110,10 +113,18 @@ class DecodingModule(L.LightningModule):
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def ensure_pair(self, with_draft: bool = False) -> ModelPair:
-        """Load the target (and the draft, when a method needs it or ``with_draft``) once."""
+        """Load the target (and the draft, when a method needs it or ``with_draft``) once. A draft with
+        ``quantization: auto`` is only checked here (its tokenizer): the copy is chosen and loaded at run start
+        (:mod:`src.lit.auto`)."""
         if self.pair is None:
             needs_draft = any(m.needs_draft for m in self.methods) or with_draft
-            self.pair = load_pair(self.target_spec, self.draft_spec if needs_draft else None)
+            draft = self.draft_spec if needs_draft else None
+            if draft is not None and draft.quantization == "auto":
+                check_tokenizers(load_tokenizer(self.target_spec), load_tokenizer(draft),
+                                 self.target_spec.describe(), draft.describe())
+                self.pair = load_pair(self.target_spec, None)
+            else:
+                self.pair = load_pair(self.target_spec, draft)
         return self.pair
 
     def setup(self, stage: str) -> None:
@@ -166,11 +177,33 @@ class DecodingModule(L.LightningModule):
         return self.pair.target.model.get_input_embeddings().weight.device
 
     def on_predict_start(self) -> None:
+        self._resolve_auto_choices()
         if not self.warmup:
             return
         input_ids = torch.tensor([[self.pair.tokenizer.bos_token_id or 0, 1, 2, 3]], device=self.input_device)
         for method in self.methods:
             self._generate(method, input_ids, WARMUP_TOKENS, seed=self.seed)
+
+    def _resolve_auto_choices(self) -> None:
+        """``auto`` parameters and an ``auto`` draft copy, chosen on rank 0 at the run's first prompt (or read back
+        from the results file on a resume) and shared with every rank (:mod:`src.lit.auto`)."""
+        auto, draft_auto = auto_methods(self.methods, self.method_keys, self.draft_spec)
+        if not auto:
+            return
+        trainer = self.trainer
+        choices = None
+        if trainer.is_global_zero:
+            data = trainer.datamodule
+            options = data.prompt_options()
+            input_ids, _ = self.first_turn_ids(options, data.load_prompts()[0].turns[0])
+            ids = {key: fingerprint_id(fp) for key, fp in self.fingerprints(options).items()}
+            choices = resolve(self.methods, self.method_keys, self.pair, self.draft_spec,
+                              input_ids.to(self.input_device), self.max_new_tokens,
+                              reused_choices(self.previous_records, ids))
+        choices = trainer.strategy.broadcast(choices, src=0)
+        if not trainer.is_global_zero:
+            apply_reused(auto, self.pair, self.draft_spec, choices, draft_auto, source=None)
+        self.auto_choices = choices
 
     # ---- decoding -----------------------------------------------------------------------------------------
     def _generate(self, method: DecodingMethod, input_ids: torch.Tensor, max_new_tokens: int, seed: int):
@@ -330,12 +363,14 @@ class DecodingModule(L.LightningModule):
             "category": batch["category"],
             "turn": turn,
             "prompt_tokens": prompt_tokens,
-            "params": fingerprint["params"],
+            # an `auto` parameter: the value chosen at run start (the fingerprint keeps `auto`, which a resume matches)
+            "params": {**fingerprint["params"], **self.auto_choices.get(method_key, {}).get("values", {})},
             "fingerprint_id": fingerprint_id(fingerprint),
             "fingerprint": fingerprint,
             "target": self.pair.target.info,
             "draft": self.pair.draft.info if (method.needs_draft and self.pair.draft) else None,
             "system": system_info(self.input_device),
+            **({"auto_choice": self.auto_choices[method_key]} if method_key in self.auto_choices else {}),
         }
 
 

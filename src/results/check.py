@@ -111,8 +111,13 @@ def _check_fingerprint(record: dict[str, Any], strict: bool) -> list[str]:
         missing = [k for k in FINGERPRINT_KEYS if k not in fingerprint]
         if missing:
             problems.append(f"fingerprint lacks {missing}")
+        # an `auto` parameter: the fingerprint keeps `auto`, params the value chosen at run start (auto_choice)
+        chosen = (record.get("auto_choice") or {}).get("values") or {}
+        expected = {"method": fingerprint.get("method"),
+                    "params": {**fingerprint["params"], **chosen} if isinstance(fingerprint.get("params"), dict)
+                    else fingerprint.get("params")}
         for name in ("method", "params"):
-            if name in fingerprint and fingerprint[name] != record[name]:
+            if name in fingerprint and expected[name] != record[name]:
                 problems.append(f"fingerprint.{name}={fingerprint[name]!r} != {name}={record[name]!r}")
     return problems
 

@@ -70,6 +70,9 @@ FIELDS: tuple[Field, ...] = (
     Field("category", (str,), "", "prompt category (MT-Bench / Spec-Bench / task)", "common"),
     Field("turn", (int,), "", "turn number, from 1", "common"),
     Field("params", (dict,), "", "method parameters + max_new_tokens, sampling settings, seed", "common"),
+    Field("auto_choice", (dict,), "", "what `auto` resolved to at run start (src.lit.auto): values {k | budget, "
+          "max_depth}, draft {dtype, quantization} or null, predicted_speedup, calibration_speedup, "
+          "calibration_tokens; params carry the chosen values, the fingerprint keeps `auto`", "optional"),
     Field("target", (dict,), "", "target model identity: name, source, dtype, device, quantization", "common"),
     Field("system", (dict,), "", "machine and library versions (git sha, torch, device, threads, ...)", "common"),
     Field("prompt_tokens", (int,), "tokens", "prompt length after the chat template and truncation", "optional"),

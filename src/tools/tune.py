@@ -70,19 +70,6 @@ def _tree_shape(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
 # ---------------------------------------------------------------- the model
 
 
-def chain_prediction(survival: list[float], k: int, target_ms, draft_ms_per_token: float,
-                     harness_ms_per_call: float) -> tuple[float, float]:
-    """(tokens per call, predicted tok/s) of a k-chain; positions past the measured curve continue its last
-    ratio (a geometric tail)."""
-    curve = list(survival)
-    while len(curve) < k:
-        ratio = curve[-1] / curve[-2] if len(curve) >= 2 and curve[-2] > 0 else 0.0
-        curve.append(curve[-1] * ratio if curve else 0.0)
-    per_call = 1 + sum(curve[:k])
-    seconds = (target_ms(k + 1) + k * draft_ms_per_token + harness_ms_per_call) / 1000
-    return per_call, per_call / seconds
-
-
 def _totals(records: list[dict[str, Any]]) -> dict[str, float]:
     keys = ("new_tokens", "target_calls", "draft_calls", "draft_s", "other_s", "wall_s")
     return {key: sum(float(r.get(key) or 0.0) for r in records) for key in keys}
@@ -161,6 +148,8 @@ class Tuner:
 
 
 def tune_chain(tuner: Tuner, method, ks: list[int], calibration) -> tuple[dict[int, tuple[float, float]], dict]:
+    from src.decoding.profile import chain_prediction
+
     probe = copy.copy(method)
     probe.k = max(ks)
     records = tuner.decode(probe, calibration)
