@@ -5,13 +5,22 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/bench_vs_hf.py --prompts 10 --max-new-tokens 64
     .venv/bin/python benchmarks/bench_vs_hf.py --prompts 1 --max-new-tokens 8 --ks 2 --specexec 8x4   # smoke
     .venv/bin/python benchmarks/bench_vs_hf.py --device cuda --draft nf4 --repeat 3 --json out/vs_hf.json
+    # one draft per precision, all rows interleaved in one pass (+ a draft cost and agreement line per draft)
+    .venv/bin/python benchmarks/bench_vs_hf.py --draft bf16 fp32 int8 int4 --ks 2 4 --specexec 16x8 \
+        --json out/vs_hf_drafts.json
     # prompt lookup on Spec-Bench's copy-heavy tasks (no --ks / --assist / --specexec rows: no draft loaded)
     .venv/bin/python benchmarks/bench_vs_hf.py --ks --specexec --lookup 10:3 5:3 --lookup-tree 32:10:3 \
         --data ../shared/datasets/spec_bench.jsonl --categories summarization rag --max-new-tokens 128
 
-Pair: the embedded SmolLM2-135M-Instruct, float32 target; the draft is the same model in bfloat16
-(``--draft bf16``) or bitsandbytes NF4 (``--draft nf4``), loaded only when a draft-model row (``--ks``,
+Pair: the embedded SmolLM2-135M-Instruct, float32 target; the draft is the same model's weights in bfloat16
+(``--draft bf16``, the default), float32 (``fp32``: the target's own copy, agreement 1), torchao weight-only int8
+or int4 with bfloat16 compute (``int8`` / ``int4``: ``quantization: torchao-int8`` / ``torchao-int4``, see
+``src.models.quantize``) or bitsandbytes NF4 (``nf4``), loaded only when a draft-model row (``--ks``,
 ``--assist``, ``--specexec``) is requested: ``--ks --specexec`` with no values and no ``--assist`` load none.
+Several kinds (``--draft bf16 int8 int4``) are each loaded once at the start, and every draft-model row is built
+once per kind, ours and HF assisted given the same draft model; those rows' params end with ``draft=KIND`` (only
+when several kinds are given: a one-draft run's rows, table and JSON keep their labels), and they interleave
+with all other rows as below.
 All configurations decode greedily the same first turns with the same ``--max-new-tokens``: from MT-Bench by
 default, or from ``--data FILE`` (MT-Bench format, e.g. ``../shared/datasets/spec_bench.jsonl``), restricted
 to ``--categories`` when given (an unknown one is refused, naming those available); one prompt per category
@@ -52,8 +61,8 @@ Columns:
 - tok/s: new tokens / wall seconds, summed over the prompts of a pass;
 - tok/call: new tokens per target forward; draft/call: draft forwards per target forward. Both count forwards
   with the library's time split (``src.decoding.timing.TimeSplit``) hooked on the target and on the draft side
-  (the draft model, a row's EAGLE head), for our methods and HF alike (a prefill is one forward). Lookup rows
-  show draft/call 0: the hooks saw no draft forward (our lookup methods are never handed the draft);
+  (the row's draft model, a row's EAGLE head), for our methods and HF alike (a prefill is one forward). Lookup
+  rows show draft/call 0: they have no draft side (our lookup methods are never handed a draft);
 - ours/HF: tok/s of our row / tok/s of its HF counterpart in the same pass (baseline vs generate, speculative
   k vs assisted k, prompt lookup N:G vs HF prompt lookup N:G);
 - identical: every prompt's output equals the target's greedy output (the ``HF generate`` row, marked ``ref``)
@@ -65,9 +74,18 @@ Columns:
 
 Above the table: the machine, the data (file, categories, prompt lengths in tokens), the mean latency of one
 target forward of 1, 32 and 64 tokens after the first prompt (to relate tok/s to the cost of a target call),
-and the resident memory after the warm-up and after each pass (it must not grow from pass to pass: every
-generation frees its caches). ``--json PATH`` writes all of it, with per-pass figures; its ``machine`` is
-``src.lit.system.system_info`` (as in every result record) with the cores and the load average.
+one "draft cost" line per draft kind, and the resident memory after the warm-up and after each pass (it must
+not grow from pass to pass: every generation frees its caches). A draft cost line gives the draft's 1-token
+forward after the first prompt (timed like the target's, before the warm-up) as a share of the target's, its ms
+per proposed token (a drafted chain of 8, median over the prompts) and its greedy agreement with the target:
+after the passes, one teacher-forced forward of the draft over each prompt + the ``HF generate`` output of the
+first pass (up to its EOS), the share of positions where the draft's argmax is the target's token
+(``src.lit.auto.draft_figures``, what ``quantization: auto`` measures). ``--json PATH`` writes all of it, with
+per-pass figures and ``draft_cost`` (per kind: ``forward_ms``, ``target_forward_ms``, ``step_ms``,
+``agreement``, ``agreed_tokens``, ``tokens``); ``run.draft`` is the kind of a one-draft run (a string, as
+before), the list of kinds of several, null when none was loaded; ``models.drafts`` describes each of several;
+its ``machine`` is ``src.lit.system.system_info`` (as in every result record) with the cores and the load
+average.
 
 Code: this file sets up (models, prompts) and runs the passes; ``vs_hf_options.py`` parses the command line,
 ``vs_hf_rows.py`` builds the rows, ``vs_hf_report.py`` turns the records into figures and prints them, and
@@ -78,8 +96,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -96,27 +116,31 @@ from harness import (
     rotated,
     timed_run,
 )
-from vs_hf_options import parse_args
-from vs_hf_report import LATENCY_REPEATS, LATENCY_SIZES, build_rows, print_report, write_json
-from vs_hf_rows import Config, build_configs, eagle_draft_cost
+from vs_hf_options import DRAFT_KINDS, parse_args
+from vs_hf_report import LATENCY_REPEATS, LATENCY_SIZES, build_rows, cut_at_eos, print_report, write_json
+from vs_hf_rows import REFERENCE, Config, build_configs, eagle_draft_cost
 
 from src.data.prompts import Prompt, read_prompt_file, round_robin
 from src.decoding.profile import forward_latency
 from src.errors import InvalidParameterError, UserInputError
+from src.lit.auto import Calibration, draft_figures
 from src.models import ModelSpec
 
 # ------------------------------------------------------------------------------------------------ setup
 
 
 def draft_spec(kind: str, device: str) -> ModelSpec:
-    if kind == "bf16":
-        return ModelSpec(name_or_path=EMBEDDED, dtype="bfloat16", device=device)
+    """The draft ``--draft KIND`` names: a copy of the target's own weights in another precision."""
+    if kind in ("bf16", "fp32"):
+        return ModelSpec(name_or_path=EMBEDDED, dtype="bfloat16" if kind == "bf16" else "float32", device=device)
+    if kind in ("int8", "int4"):  # torchao weight-only (src.models.quantize), bf16 compute
+        return ModelSpec(name_or_path=EMBEDDED, dtype="bfloat16", device=device, quantization=f"torchao-{kind}")
     if kind == "nf4":
         return ModelSpec(
             name_or_path=EMBEDDED, dtype="float32", device=device, quantization="bnb-4bit",
             bnb_4bit_quant_type="nf4", bnb_compute_dtype="float32",
         )
-    raise InvalidParameterError(f"--draft {kind!r} is unknown: use bf16 or nf4")
+    raise InvalidParameterError(f"--draft {kind!r} is unknown: use {', '.join(DRAFT_KINDS)}")
 
 
 def check_device(device: str) -> None:
@@ -130,9 +154,11 @@ def needs_draft_model(args: argparse.Namespace) -> bool:
 
 
 def bench_models(args: argparse.Namespace) -> Models:
-    """The target and, when some configuration needs it, the draft (else none is loaded: time and memory)."""
+    """The target and, when some configuration needs one, each ``--draft`` (else none is loaded: time and
+    memory), each loaded once."""
     target = ModelSpec(name_or_path=EMBEDDED, dtype=args.target_dtype, device=args.device)
-    return load_models(target, draft_spec(args.draft, args.device) if needs_draft_model(args) else None)
+    kinds = args.draft if needs_draft_model(args) else []
+    return load_models(target, {kind: draft_spec(kind, args.device) for kind in kinds})
 
 
 def keep_categories(prompts: list[Prompt], categories: list[str] | None, source: Path) -> list[Prompt]:
@@ -192,9 +218,9 @@ def check_context(
 
 
 def run_config(config: Config, input_ids: torch.Tensor, models: Models) -> Record:
-    """One run of ``config``, the library's TimeSplit hooked on the target and on the draft side: the draft
-    model and the row's EAGLE head (a head row has no draft model; one row runs at a time)."""
-    drafts = [module for module in (models.draft, config.head) if module is not None]
+    """One run of ``config``, the library's TimeSplit hooked on the target and on the draft side: the row's draft
+    model and its EAGLE head (a head row has no draft model; one row runs at a time)."""
+    drafts = [module for module in (config.draft, config.head) if module is not None]
     return timed_run(config.run, input_ids, models.device, models.target, drafts)
 
 
@@ -221,6 +247,42 @@ def run_pass(configs: list[Config], inputs: list[torch.Tensor], models: Models, 
     return records
 
 
+# ------------------------------------------------------------------------------------------------ draft cost
+
+
+def draft_forward_ms(models: Models, context: torch.Tensor) -> dict[str, float]:
+    """Each draft's ms for one 1-token forward after ``context`` (the first prompt): the code path, context and
+    repeats of the target's latency above the table."""
+    return {kind: forward_latency(draft, context, (1,), LATENCY_REPEATS)[1] for kind, draft in models.drafts.items()}
+
+
+def draft_costs(models: Models, inputs: list[torch.Tensor], references: list[list[int]],
+                forward_ms: dict[str, float], target_ms: float) -> dict[str, dict[str, Any]]:
+    """Per draft: its 1-token forward (``forward_ms``) against the target's (``target_ms``), its ms per proposed token (median over
+    the prompts) and its greedy agreement with the target along ``references``, the bench's own greedy outputs:
+    :func:`src.lit.auto.draft_figures` per prompt (one teacher-forced forward over prompt + output, argmax ==
+    the target's token at every position; then a drafted chain of 8 after half the output, timed)."""
+    infos = models.info.get("drafts") or {kind: models.info["draft"] for kind in models.drafts}
+    costs = {}
+    for kind, draft in models.drafts.items():
+        info = infos[kind]
+        figures = [
+            draft_figures(SimpleNamespace(model=draft), models.target, Calibration(input_ids, tokens, 0.0, 0.0),
+                          info["dtype"], info["quantization"])
+            for input_ids, tokens in zip(inputs, references)
+        ]
+        agreement = [agrees for one in figures for agrees in one.agreement]
+        costs[kind] = {
+            "forward_ms": forward_ms[kind],
+            "target_forward_ms": target_ms,
+            "step_ms": statistics.median(one.step_ms for one in figures),
+            "agreement": sum(agreement) / len(agreement),
+            "agreed_tokens": sum(agreement),
+            "tokens": len(agreement),
+        }
+    return costs
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -235,6 +297,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     inputs = encode_prompts(models, prompts, args.max_new_tokens)
     with torch.inference_mode():
         latency = forward_latency(models.target, inputs[0], LATENCY_SIZES, LATENCY_REPEATS)
+        draft_ms = draft_forward_ms(models, inputs[0])
         configs = build_configs(args, models, eos)
         head_ms = eagle_draft_cost(args, models, inputs[0])
         warm_up(configs, inputs[0], models)
@@ -243,21 +306,31 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for index in range(args.repeat):
             passes.append(run_pass(configs, inputs, models, index))
             resident.append(resident_mb())
+        references = [cut_at_eos(record.tokens, eos) for record in passes[0][REFERENCE]]
+        drafts = draft_costs(models, inputs, references, draft_ms, latency[1])
     return {
         "machine": machine,
         "models": models.info,
         "run": {
             "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "repeat": args.repeat,
-            "draft": args.draft if models.draft is not None else None, "device": args.device,
+            "draft": draft_kinds(models), "device": args.device,
             "eos_token_ids": sorted(eos), "data": str(source),
             "categories": list(dict.fromkeys(p.category for p in prompts)),  # file order
             "prompt_tokens": [input_ids.shape[1] for input_ids in inputs], "min_ngram": args.min_ngram,
         },
         "target_forward_ms": latency,
         "eagle_draft_ms_per_token": head_ms,
+        "draft_cost": drafts,
         "resident_mb": resident,
         "rows": build_rows(configs, passes, eos),
     }
+
+
+def draft_kinds(models: Models) -> list[str] | str | None:
+    """``run.draft`` of the JSON: the kind of the one draft (as before several could be given), the list of several,
+    None when no row needed one."""
+    kinds = list(models.drafts)
+    return kinds[0] if len(kinds) == 1 else kinds or None
 
 
 def main(argv: list[str] | None = None) -> None:

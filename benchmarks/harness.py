@@ -18,7 +18,7 @@ import resource
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,9 +27,9 @@ import torch
 from src.data.prompts import Prompt, encode_messages
 from src.decoding.base import input_device
 from src.decoding.timing import StageTimer, TimeSplit
-from src.errors import MissingInputError
+from src.errors import InvalidParameterError, MissingInputError
 from src.lit.system import system_info
-from src.models import ModelSpec, load_pair
+from src.models import ModelSpec, load_model, load_pair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = "embedded:smollm2-135m-instruct"
@@ -91,24 +91,45 @@ def rotated(items: list[T], shift: int) -> list[T]:
 @dataclass
 class Models:
     """The target and the draft (None: no row needs one) as loaded modules, the tokenizer, and the pair's
-    ``describe()`` with ``load_s``."""
+    ``describe()`` with ``load_s``. ``drafts``: every draft loaded, by kind (``draft`` is the first);
+    :meth:`with_draft` is the same models with another of them as ``draft``."""
 
     target: Any
     draft: Any | None
     tokenizer: Any
     info: dict[str, Any]
+    drafts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
         return input_device(self.target)
 
+    def with_draft(self, kind: str) -> Models:
+        return replace(self, draft=self.drafts[kind])
 
-def load_models(target: ModelSpec, draft: ModelSpec | None) -> Models:
+
+def load_models(target: ModelSpec, drafts: dict[str, ModelSpec] | ModelSpec | None) -> Models:
+    """The target and each draft of ``drafts`` (kind -> spec; one spec: kind ``draft``), each loaded once. The
+    first draft's tokenizer is checked against the target's (:func:`src.models.load_pair`); the others must name
+    the same checkpoint. ``info["draft"]`` describes the first draft; with several, ``info["drafts"]`` each."""
+    if isinstance(drafts, ModelSpec):
+        drafts = {"draft": drafts}
+    specs = list((drafts or {}).items())
     started = time.perf_counter()
-    pair = load_pair(target, draft)
+    pair = load_pair(target, specs[0][1] if specs else None)
+    loaded = {specs[0][0]: pair.draft} if specs else {}
+    for kind, spec in specs[1:]:
+        spec = spec.resolved_against(target)
+        if spec.name_or_path != specs[0][1].resolved_against(target).name_or_path:
+            raise InvalidParameterError(f"draft {kind!r} ({spec.describe()}) is another checkpoint than the first "
+                                        "draft's: several drafts must share one tokenizer")
+        loaded[kind] = load_model(spec, tokenizer=pair.draft.tokenizer)
     info = {**pair.describe(), "load_s": round(time.perf_counter() - started, 2)}
-    draft_model = pair.draft.model if pair.draft is not None else None
-    return Models(target=pair.target.model, draft=draft_model, tokenizer=pair.tokenizer, info=info)
+    if len(loaded) > 1:
+        info["drafts"] = {kind: model.info for kind, model in loaded.items()}
+    models = {kind: model.model for kind, model in loaded.items()}
+    first = next(iter(models.values()), None)
+    return Models(target=pair.target.model, draft=first, tokenizer=pair.tokenizer, info=info, drafts=models)
 
 
 # ------------------------------------------------------------------------------------------------ machine

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+DRAFT_KINDS = ("bf16", "fp32", "int8", "int4", "nf4")  # bench_vs_hf.draft_spec builds each
+
 
 def positive_int(text: str) -> int:
     try:
@@ -111,7 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SpecExec max_branch_width (its default)")
     parser.add_argument("--prune-threshold", type=float, default=None,
                         help="SpecExec prune_threshold (its default)")
-    parser.add_argument("--draft", choices=["bf16", "nf4"], default="bf16", help="draft: the target in bf16 or NF4")
+    parser.add_argument("--draft", choices=DRAFT_KINDS, nargs="+", default=["bf16"], metavar="KIND",
+                        help=f"drafts (one of {', '.join(DRAFT_KINDS)} or several): copies of the target in bf16, fp32,"
+                        " torchao int8 / int4 weight-only (bf16 compute) or bitsandbytes NF4; every draft-model row"
+                        " runs once per draft, labelled draft=KIND when several are given")
     parser.add_argument("--target-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="the target's dtype (a GPU run may use bfloat16 with --draft nf4)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -125,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="take prompts only from these categories of --data (default: all)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
+    args.draft = list(dict.fromkeys(args.draft))  # one row set per kind, in the order given
     check_min_ngram(parser, args)
     return args
 

@@ -146,8 +146,11 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"machine: {machine['cpu']} ({machine['cores']} cores{load}), torch threads {machine['num_threads']}, "
           f"torch {machine['torch']}, transformers {machine['transformers']}{gpu}")
     models = report["models"]
-    print(f"pair: target {describe_model(models['target'])}; draft {describe_model(models['draft'])}; "
-          f"loaded in {models['load_s']:.1f} s")
+    if models.get("drafts"):
+        drafts = "drafts " + ", ".join(f"{kind} = {describe_model(info)}" for kind, info in models["drafts"].items())
+    else:
+        drafts = f"draft {describe_model(models['draft'])}"
+    print(f"pair: target {describe_model(models['target'])}; {drafts}; loaded in {models['load_s']:.1f} s")
     lengths = run["prompt_tokens"]
     print(f"run: {run['prompts']} first turns of {Path(run['data']).name} ({', '.join(run['categories'])}; "
           f"{min(lengths)}-{max(lengths)} prompt tokens, mean {statistics.mean(lengths):.0f}), "
@@ -159,12 +162,26 @@ def print_report(report: dict[str, Any]) -> None:
     for head, ms in report.get("eagle_draft_ms_per_token", {}).items():
         print(f"EAGLE head {head}: {ms:.2f} ms per proposed token = {100 * ms / one_token:.1f}% of a 1-token target "
               "forward")
+    for line in draft_cost_lines(report.get("draft_cost") or {}):
+        print(line)
     resident = report.get("resident_mb") or []
     if len(resident) > 1:
         print(f"resident memory after the warm-up and after each pass: {', '.join(f'{mb:.0f}' for mb in resident)} MB "
               f"(growth {resident[-1] - resident[0]:+.0f} MB)")
     print()
     print(format_table(report["rows"]))
+
+
+def draft_cost_lines(costs: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per draft kind: its 1-token forward against the target's, its ms per proposed token and its greedy
+    agreement with the target's own tokens (see bench_vs_hf.draft_costs)."""
+    return [
+        f"draft {kind}: 1-token forward {cost['forward_ms']:.2f} ms = "
+        f"{100 * cost['forward_ms'] / cost['target_forward_ms']:.1f}% of the target's, "
+        f"{cost['step_ms']:.2f} ms per proposed token; greedy agreement {cost['agreement']:.3f} "
+        f"({cost['agreed_tokens']}/{cost['tokens']} of the target's greedy tokens, teacher-forced)"
+        for kind, cost in costs.items()
+    ]
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:

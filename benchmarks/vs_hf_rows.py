@@ -36,6 +36,7 @@ class Config:
     drafts: bool  # proposes tokens (a draft model or a lookup): draft/call is reported, 0 for a lookup
     pair: str | None = None  # key of the HF row our tok/s is compared with
     head: torch.nn.Module | None = None  # an EAGLE row's head: its forwards count as draft forwards
+    draft: Any = None  # a draft-model row's draft: its forwards count as draft forwards
 
     @property
     def key(self) -> str:
@@ -218,25 +219,42 @@ def specexec_method(shape: tuple[int, int], args: argparse.Namespace) -> tuple[S
     return SpecExec(budget=budget, max_depth=depth, **options), label
 
 
+def draft_configs(args: argparse.Namespace, models: Models, eos: set[int], label: str = "") -> list[Config]:
+    """The rows with a draft model (``models.draft``): ours speculative next to HF assisted with the same draft
+    (``--ks``, ``--assist``), ours SpecExec; ``label`` (e.g. ``draft=int8``) ends each row's params."""
+    n, draft = args.max_new_tokens, models.draft
+
+    def row(method: str, params: str, run: Run, ours: bool, pair: str | None = None) -> Config:
+        return Config(method, f"{params} {label}".strip(), run, ours, True, pair, draft=draft)
+
+    configs = []
+    for k in args.ks:
+        hf = row("HF assisted", f"k={k}", hf_runner(models, n, k), False)
+        configs += [row("ours speculative", f"k={k}", ours_runner(SpeculativeSampling(k), models, n, eos), True,
+                        hf.key), hf]
+    for k, threshold, schedule in args.assist:
+        params = f"k={k} threshold={threshold}" + (" heuristic" if schedule == "heuristic" else "")
+        hf = row("HF assisted", params, hf_runner(models, n, k, threshold, schedule), False)
+        # HF's heuristic schedule has no ceiling: ours gets one no generation can reach.
+        ours = SpeculativeSampling(k, schedule=schedule, max_k=max(k, n), confidence_threshold=threshold)
+        configs += [row("ours speculative", params, ours_runner(ours, models, n, eos), True, hf.key), hf]
+    for shape in args.specexec:
+        method, params = specexec_method(shape, args)
+        configs.append(row("ours specexec", params, ours_runner(method, models, n, eos), True))
+    return configs
+
+
 def build_configs(args: argparse.Namespace, models: Models, eos: set[int]) -> list[Config]:
+    """Every row; the draft-model rows once per loaded draft (``models.drafts``), each given its own draft (ours
+    and HF assisted alike), labelled ``draft=KIND`` when there are several."""
     n = args.max_new_tokens
     configs = [
         Config("ours baseline", "", ours_runner(Baseline(), models, n, eos), True, False, pair=REFERENCE),
         Config(REFERENCE, "", hf_runner(models, n), False, False),
     ]
-    for k in args.ks:
-        hf = Config("HF assisted", f"k={k}", hf_runner(models, n, k), False, True)
-        ours = SpeculativeSampling(k)
-        configs += [Config("ours speculative", f"k={k}", ours_runner(ours, models, n, eos), True, True, hf.key), hf]
-    for k, threshold, schedule in args.assist:
-        label = f"k={k} threshold={threshold}" + (" heuristic" if schedule == "heuristic" else "")
-        hf = Config("HF assisted", label, hf_runner(models, n, k, threshold, schedule), False, True)
-        # HF's heuristic schedule has no ceiling: ours gets one no generation can reach.
-        ours = SpeculativeSampling(k, schedule=schedule, max_k=max(k, n), confidence_threshold=threshold)
-        configs += [Config("ours speculative", label, ours_runner(ours, models, n, eos), True, True, hf.key), hf]
-    for shape in args.specexec:
-        method, label = specexec_method(shape, args)
-        configs.append(Config("ours specexec", label, ours_runner(method, models, n, eos), True, True))
+    several = len(models.drafts) > 1
+    for kind in models.drafts:
+        configs += draft_configs(args, models.with_draft(kind), eos, f"draft={kind}" if several else "")
     return unique(configs + lookup_configs(args, models, eos) + eagle_configs(args, models, eos)
                   + eagle_tree_configs(args, models, eos))
 
