@@ -80,7 +80,7 @@ forward after the first prompt (timed like the target's, before the warm-up) as 
 per proposed token (a drafted chain of 8, median over the prompts) and its greedy agreement with the target:
 after the passes, one teacher-forced forward of the draft over each prompt + the ``HF generate`` output of the
 first pass (up to its EOS), the share of positions where the draft's argmax is the target's token
-(``src.lit.auto.draft_figures``, what ``quantization: auto`` measures). ``--json PATH`` writes all of it, with
+(``src.lit.auto.agreement_along``, what ``quantization: auto`` measures). ``--json PATH`` writes all of it, with
 per-pass figures and ``draft_cost`` (per kind: ``forward_ms``, ``target_forward_ms``, ``step_ms``,
 ``agreement``, ``agreed_tokens``, ``tokens``); ``run.draft`` is the kind of a one-draft run (a string, as
 before), the list of kinds of several, null when none was loaded; ``models.drafts`` describes each of several;
@@ -99,7 +99,6 @@ import gc
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -123,7 +122,7 @@ from vs_hf_rows import REFERENCE, Config, build_configs, eagle_draft_cost
 from src.data.prompts import Prompt, read_prompt_file, round_robin
 from src.decoding.profile import forward_latency
 from src.errors import InvalidParameterError, UserInputError
-from src.lit.auto import Calibration, draft_figures
+from src.lit.auto import CalibrationPrompt, agreement_along, draft_step_ms
 from src.models import ModelSpec
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -260,22 +259,18 @@ def draft_costs(models: Models, inputs: list[torch.Tensor], references: list[lis
                 forward_ms: dict[str, float], target_ms: float) -> dict[str, dict[str, Any]]:
     """Per draft: its 1-token forward (``forward_ms``) against the target's (``target_ms``), its ms per proposed token (median over
     the prompts) and its greedy agreement with the target along ``references``, the bench's own greedy outputs:
-    :func:`src.lit.auto.draft_figures` per prompt (one teacher-forced forward over prompt + output, argmax ==
-    the target's token at every position; then a drafted chain of 8 after half the output, timed)."""
-    infos = models.info.get("drafts") or {kind: models.info["draft"] for kind in models.drafts}
+    :func:`src.lit.auto.agreement_along` per prompt (one teacher-forced forward over prompt + output, argmax ==
+    the target's token at every position) and :func:`src.lit.auto.draft_step_ms` (a drafted chain of 8 after half
+    the output, timed)."""
     costs = {}
     for kind, draft in models.drafts.items():
-        info = infos[kind]
-        figures = [
-            draft_figures(SimpleNamespace(model=draft), models.target, Calibration(input_ids, tokens, 0.0, 0.0),
-                          info["dtype"], info["quantization"])
-            for input_ids, tokens in zip(inputs, references)
-        ]
-        agreement = [agrees for one in figures for agrees in one.agreement]
+        prompts = [CalibrationPrompt(input_ids, tokens) for input_ids, tokens in zip(inputs, references)]
+        agreement = [agrees for prompt in prompts for agrees in agreement_along(draft, models.target, prompt)]
+        step_ms = [draft_step_ms(draft, models.target, prompt) for prompt in prompts]
         costs[kind] = {
             "forward_ms": forward_ms[kind],
             "target_forward_ms": target_ms,
-            "step_ms": statistics.median(one.step_ms for one in figures),
+            "step_ms": statistics.median(step_ms),
             "agreement": sum(agreement) / len(agreement),
             "agreed_tokens": sum(agreement),
             "tokens": len(agreement),

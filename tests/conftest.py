@@ -14,8 +14,10 @@ import torch
 from toy import ToyLM
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from src.models.quantize import import_torchao
 from src.results.keys import describe
 
+import_torchao()  # first, as the loader does: torchao's import-time log lines stay out of the test output
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one intra-op thread each
     torch.set_num_threads(1)
 

@@ -20,9 +20,11 @@ def test_greedy_replay_counts_cycles_as_a_chain_verifier_would():
     # agreement: T T F T T T F F T ; k=2 cycles start at 0 (accepts 2, emits the target's token 2), 3 (accepts 2,
     # emits 5), 6 (accepts 0, emits 6), 7 (accepts 0, emits 7), 8 (offers 1 at the end, accepts it)
     agreement = [True, True, False, True, True, True, False, False, True]
-    assert greedy_survival(agreement, 2) == [3 / 5, 2 / 4]
-    assert greedy_survival([True] * 6, 1) == [1.0]
-    assert greedy_survival([False] * 4, 3) == [0.0, 0.0, 0.0]
+    assert greedy_survival([agreement], 2) == [3 / 5, 2 / 4]
+    assert greedy_survival([[True] * 6], 1) == [1.0]
+    assert greedy_survival([[False] * 4], 3) == [0.0, 0.0, 0.0]
+    # sequences are replayed apart: no cycle runs from the end of one into the next
+    assert greedy_survival([[True, True], [True, False]], 2) == [2 / 2, 1 / 2]
 
 
 def test_auto_parameters_are_declared_and_checked_when_resolved():
@@ -57,7 +59,7 @@ def test_a_run_records_its_choices_and_a_resume_reuses_them(tmp_path, capfd):
     config, output = auto_config(tmp_path), tmp_path / "results.jsonl"
     assert main(["predict", "--config", str(config), "--output", str(output)]) == 0
     err = capfd.readouterr().err
-    assert "auto: calibrating on the first prompt" in err and "speculative: k=" in err and "specexec: budget=" in err
+    assert "auto: calibrating on 2 prompts of the run" in err and "speculative: k=" in err and "specexec: budget=" in err
     records = [json.loads(line) for line in output.read_text().splitlines()]
     chains = [r for r in records if r["method"] == "speculative"]
     trees = [r for r in records if r["method"] == "specexec"]

@@ -235,22 +235,23 @@ def chain_prediction(survival: list[float], k: int, target_ms, draft_ms_per_toke
     return per_call, per_call / seconds
 
 
-def greedy_survival(agreement: list[bool], k: int) -> list[float]:
-    """S_1..S_k of greedy k-chains along a sequence the target decoded itself: ``agreement[t]`` says whether the
+def greedy_survival(sequences: list[list[bool]], k: int) -> list[float]:
+    """S_1..S_k of greedy k-chains along sequences the target decoded itself: ``sequence[t]`` says whether the
     draft's argmax after the first t tokens equals the target's token t. In greedy decoding every accepted token
     is the target's, so the draft proposes from the true prefix and this replay is exact: a cycle starting at t
     accepts the run of agreements from t (at most k), emits the target's next token and the next cycle starts
-    after it. S_i = cycles accepting >= i / cycles (the last cycles, near the end, offer fewer)."""
+    after it. S_i = cycles accepting >= i / cycles offering >= i (near its end a sequence offers fewer)."""
     at_least = [0] * k
     offered = [0] * k
-    t = 0
-    while t < len(agreement):
-        room = min(k, len(agreement) - t)
-        run = 0
-        while run < room and agreement[t + run]:
-            run += 1
-        for i in range(room):
-            offered[i] += 1
-            at_least[i] += i < run
-        t += run + 1
+    for agreement in sequences:
+        t = 0
+        while t < len(agreement):
+            room = min(k, len(agreement) - t)
+            run = 0
+            while run < room and agreement[t + run]:
+                run += 1
+            for i in range(room):
+                offered[i] += 1
+                at_least[i] += i < run
+            t += run + 1
     return [a / o if o else 0.0 for a, o in zip(at_least, offered)]

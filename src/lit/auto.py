@@ -54,7 +54,8 @@ from src.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_TOKENS = 64  # target tokens the agreement is measured on (capped by max_new_tokens)
+CALIBRATION_PROMPTS = 3  # the run's prompts (one per category first) the choices are measured on
+CALIBRATION_TOKENS = 48  # target tokens per calibration prompt (capped by max_new_tokens)
 MAX_AUTO_K = 8  # the longest chain k: auto considers (and max_k, when smaller)
 TOP_MEASURED = 3  # candidates the cost model ranks first that are then decoded on the calibration prompt
 # (dtype, quantization) of the draft copies ``quantization: auto`` measures, per device type. bitsandbytes only
@@ -67,14 +68,19 @@ DRAFT_CANDIDATES: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 @dataclass
-class Calibration:
-    """What the baseline told about the calibration prompt."""
-
+class CalibrationPrompt:
     input_ids: torch.Tensor  # (1, prompt) on the target's device
     tokens: list[int]  # the target's greedy continuation
+
+
+@dataclass
+class Calibration:
+    """What the baseline told about the calibration prompts."""
+
+    prompts: list[CalibrationPrompt]
     baseline_tok_s: float
     harness_ms: float  # per target step beyond T(1): sampling, cache, Python
-    target_ms: dict[int, float] = field(default_factory=dict)  # T(n) after prompt + continuation / 2
+    target_ms: dict[int, float] = field(default_factory=dict)  # T(n) after a prompt + half its continuation
 
     def T(self, n: int) -> float:
         return interpolate(self.target_ms, n)
@@ -82,22 +88,31 @@ class Calibration:
 
 @dataclass
 class DraftFigures:
-    """One draft copy: its ms per proposed token and its greedy agreement along the target's tokens."""
+    """One draft copy: its ms per proposed token and its greedy agreement along the target's tokens (one list
+    per calibration prompt)."""
 
     dtype: str
     quantization: str
     step_ms: float
-    agreement: list[bool]
-    model: Any = None  # the LoadedModel, kept for the chosen copy only
+    agreement: list[list[bool]]
+    model: Any = None  # the LoadedModel
 
     @property
     def label(self) -> str:
         return self.dtype if self.quantization == "none" else f"{self.quantization} ({self.dtype})"
 
+    @property
+    def agreement_rate(self) -> float:
+        flat = [agrees for sequence in self.agreement for agrees in sequence]
+        return sum(flat) / max(1, len(flat))
+
+    def predicted_tok_s(self, calibration: Calibration, k: int) -> float:
+        return chain_prediction(greedy_survival(self.agreement, k), k, calibration.T, self.step_ms,
+                                calibration.harness_ms)[1]
+
     def best_chain(self, calibration: Calibration, ks: range) -> tuple[int, float]:
         """(k, predicted tok/s) of the fastest chain with this draft."""
-        rates = {k: chain_prediction(greedy_survival(self.agreement, k), k, calibration.T, self.step_ms,
-                                     calibration.harness_ms)[1] for k in ks}
+        rates = {k: self.predicted_tok_s(calibration, k) for k in ks}
         best = max(rates, key=rates.get)
         return best, rates[best]
 
@@ -107,33 +122,52 @@ def say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def half_way(prompt: CalibrationPrompt) -> torch.Tensor:
+    """(1, prompt + half its continuation): the mean context a decoding step of that prompt sees."""
+    tokens = torch.tensor([prompt.tokens[: len(prompt.tokens) // 2]], device=prompt.input_ids.device,
+                          dtype=prompt.input_ids.dtype)
+    return torch.cat([prompt.input_ids, tokens], dim=1)
+
+
 @torch.no_grad()
-def calibrate(target, input_ids: torch.Tensor, max_new_tokens: int, eos: set[int], longest: int) -> Calibration:
-    """Step 1: the baseline's greedy tokens on the calibration prompt, its speed, T(1..longest + 1)."""
+def calibrate(target, prompts: list[torch.Tensor], max_new_tokens: int, eos: set[int], longest: int) -> Calibration:
+    """Step 1: the baseline's greedy tokens on the calibration prompts, its speed, T(1..longest + 1)."""
     budget = min(CALIBRATION_TOKENS, max_new_tokens)
-    Baseline().generate(target, None, input_ids, 4, SamplingConfig(), eos, None)  # warm-up
-    generation = timed_generate(Baseline(), target, None, input_ids, budget, SamplingConfig(), eos, None)
-    wall = generation.stats.prefill_s + generation.stats.decode_s
-    context = torch.cat([input_ids, torch.tensor([generation.tokens], device=input_ids.device)], dim=1)
-    context = context[:, : input_ids.shape[1] + len(generation.tokens) // 2]
-    target_ms = forward_latency(target, context, range(1, longest + 2))
-    decode_ms_per_token = 1000 * generation.stats.decode_s / max(1, len(generation.tokens) - 1)
-    return Calibration(input_ids, list(generation.tokens), len(generation.tokens) / wall,
-                       max(0.0, decode_ms_per_token - target_ms[1]), target_ms)
+    Baseline().generate(target, None, prompts[0], 4, SamplingConfig(), eos, None)  # warm-up
+    done, tokens, wall, decode_s = [], 0, 0.0, 0.0
+    for input_ids in prompts:
+        generation = timed_generate(Baseline(), target, None, input_ids, budget, SamplingConfig(), eos, None)
+        done.append(CalibrationPrompt(input_ids, list(generation.tokens)))
+        tokens += len(generation.tokens)
+        wall += generation.stats.prefill_s + generation.stats.decode_s
+        decode_s += generation.stats.decode_s
+    target_ms = forward_latency(target, half_way(done[0]), range(1, longest + 2))
+    decode_ms_per_token = 1000 * decode_s / max(1, tokens - len(prompts))
+    return Calibration(done, tokens / wall, max(0.0, decode_ms_per_token - target_ms[1]), target_ms)
 
 
 @torch.no_grad()
-def draft_figures(loaded, target, calibration: Calibration, dtype: str, quantization: str) -> DraftFigures:
-    """Step 2: one forward of the draft (a LoadedModel) over prompt + the target's tokens, and its ms per proposed
-    token."""
-    draft, prompt = loaded.model, calibration.input_ids
-    sequence = torch.cat([prompt, torch.tensor([calibration.tokens], device=prompt.device)], dim=1)
+def agreement_along(draft, target, prompt: CalibrationPrompt) -> list[bool]:
+    """One teacher-forced forward of ``draft`` over prompt + the target's tokens: at each position, does its argmax
+    equal the target's token?"""
+    sequence = torch.cat([prompt.input_ids, torch.tensor([prompt.tokens], device=prompt.input_ids.device,
+                                                         dtype=prompt.input_ids.dtype)], dim=1)
     logits = model_logits(draft, sequence.to(next(draft.parameters()).device), new_cache(),
-                          logits_to_keep=len(calibration.tokens) + 1)
+                          logits_to_keep=len(prompt.tokens) + 1)
     guesses = logits[0, :-1, : vocab_width(target)].argmax(-1).tolist()  # after prompt + t target tokens
-    agreement = [g == t for g, t in zip(guesses, calibration.tokens)]
-    context = sequence[:, : prompt.shape[1] + len(calibration.tokens) // 2]
-    step_ms = drafter_step_ms(ModelDrafter(), target, context, vocab_width(target), draft=draft)
+    return [guess == token for guess, token in zip(guesses, prompt.tokens)]
+
+
+@torch.no_grad()
+def draft_step_ms(draft, target, prompt: CalibrationPrompt) -> float:
+    """ms per proposed token of ``draft`` as a ModelDrafter drives it, after half the prompt's continuation."""
+    return drafter_step_ms(ModelDrafter(), target, half_way(prompt), vocab_width(target), draft=draft)
+
+
+def draft_figures(loaded, target, calibration: Calibration, dtype: str, quantization: str) -> DraftFigures:
+    """Step 2 for one draft copy (a LoadedModel): its agreement along every calibration prompt, its step cost."""
+    agreement = [agreement_along(loaded.model, target, prompt) for prompt in calibration.prompts]
+    step_ms = draft_step_ms(loaded.model, target, calibration.prompts[0])
     return DraftFigures(dtype, quantization, step_ms, agreement, loaded)
 
 
@@ -154,7 +188,7 @@ def draft_candidates(spec: ModelSpec, target, calibration: Calibration, ks: rang
         figures = draft_figures(loaded, target, calibration, dtype, quantization)
         k, rate = figures.best_chain(calibration, ks)
         progress(f"  draft {figures.label}: {figures.step_ms:.1f} ms/token, agreement "
-                 f"{sum(figures.agreement) / max(1, len(figures.agreement)):.2f}, best k={k} predicted "
+                 f"{figures.agreement_rate:.2f}, best k={k} predicted "
                  f"{rate / calibration.baseline_tok_s:.2f}x ({time.perf_counter() - started:.0f} s)")
         measured.append(figures)
     if not measured:
@@ -163,10 +197,14 @@ def draft_candidates(spec: ModelSpec, target, calibration: Calibration, ks: rang
 
 
 def measured_tok_s(method, target, draft, calibration: Calibration, eos: set[int]) -> float:
-    """The calibration prompt decoded by ``method`` (greedy, as many tokens as the baseline gave), tok/s."""
-    budget = len(calibration.tokens)
-    generation = timed_generate(method, target, draft, calibration.input_ids, budget, SamplingConfig(), eos, None)
-    return len(generation.tokens) / (generation.stats.prefill_s + generation.stats.decode_s)
+    """The calibration prompts decoded by ``method`` (greedy, as many tokens as the baseline gave each), tok/s."""
+    tokens, seconds = 0, 0.0
+    for prompt in calibration.prompts:
+        generation = timed_generate(method, target, draft, prompt.input_ids, len(prompt.tokens), SamplingConfig(),
+                                    eos, None)
+        tokens += len(generation.tokens)
+        seconds += generation.stats.prefill_s + generation.stats.decode_s
+    return tokens / seconds
 
 
 def with_values(method, values: dict[str, int]):
@@ -194,11 +232,8 @@ def chain_options(method, figures: list[DraftFigures], calibration: Calibration,
     """The ``top`` (k, draft copy) pairs of a draft-model chain by predicted tok/s (its own k when fixed)."""
     k = method.params().get("k")
     chains = [k] if isinstance(k, int) else list(ks)
-    predicted = [
-        ({"k": n} if not isinstance(k, int) else {}, f,
-         chain_prediction(greedy_survival(f.agreement, n), n, calibration.T, f.step_ms, calibration.harness_ms)[1])
-        for f in figures for n in chains
-    ]
+    predicted = [({"k": n} if not isinstance(k, int) else {}, f, f.predicted_tok_s(calibration, n))
+                 for f in figures for n in chains]
     predicted.sort(key=lambda option: -option[2])
     return [(values, f.model, rate) for values, f, rate in predicted[:top]]
 
@@ -214,11 +249,15 @@ def model_free_chain(method, target, calibration: Calibration, eos: set[int], ks
                      top: int = TOP_MEASURED) -> list[tuple[dict[str, int], None, float]]:
     """The ``top`` k of a chain with a model-free drafter (EAGLE head, prompt lookup) by predicted tok/s, from one
     decode at the longest k (greedy acceptance of position i does not depend on k) and the drafter's step cost."""
-    generation = timed_generate(with_values(method, {"k": max(ks)}), target, None, calibration.input_ids,
-                                len(calibration.tokens), SamplingConfig(), eos, None)
-    stats = generation.stats
-    survival = [a / d if d else 0.0 for a, d in zip(stats.accepted_per_position, stats.drafted_per_position)]
-    step_ms = drafter_step_ms(method.drafter, target, calibration.input_ids, vocab_width(target))
+    accepted, drafted = [0] * max(ks), [0] * max(ks)
+    for prompt in calibration.prompts:
+        stats = timed_generate(with_values(method, {"k": max(ks)}), target, None, prompt.input_ids,
+                               len(prompt.tokens), SamplingConfig(), eos, None).stats
+        for i, (a, d) in enumerate(zip(stats.accepted_per_position, stats.drafted_per_position)):
+            accepted[i] += a
+            drafted[i] += d
+    survival = [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+    step_ms = drafter_step_ms(method.drafter, target, half_way(calibration.prompts[0]), vocab_width(target))
     rates = {k: chain_prediction(survival, k, calibration.T, step_ms, calibration.harness_ms)[1] for k in ks}
     return [({"k": k}, None, rates[k]) for k in sorted(rates, key=lambda k: -rates[k])[:top]]
 
@@ -253,7 +292,7 @@ def auto_methods(methods, keys: list[str], draft_spec: ModelSpec | None) -> tupl
     return {key: m for m, key in zip(methods, keys) if m.auto_params() or (draft_auto and m.needs_draft)}, draft_auto
 
 
-def resolve(methods, keys: list[str], pair, draft_spec: ModelSpec | None, input_ids: torch.Tensor,
+def resolve(methods, keys: list[str], pair, draft_spec: ModelSpec | None, prompts: list[torch.Tensor],
             max_new_tokens: int, reused: dict[str, dict]) -> dict[str, dict[str, Any]]:
     """Resolve every ``auto`` of ``methods`` (and the draft copy) on this process; returns ``method key ->
     auto_choice`` for the methods that had one (and every draft method when the draft copy was chosen).
@@ -267,8 +306,8 @@ def resolve(methods, keys: list[str], pair, draft_spec: ModelSpec | None, input_
     eos, target = pair.eos_token_ids, pair.target.model
     limits = [m.max_k for m in auto.values() if "k" in m.auto_params()]
     ks = range(1, min([MAX_AUTO_K, *limits]) + 1)
-    say(f"auto: calibrating on the first prompt ({input_ids.shape[1]} tokens) ...")
-    calibration = calibrate(target, input_ids, max_new_tokens, eos, max(ks))
+    say(f"auto: calibrating on {len(prompts)} prompts of the run ...")
+    calibration = calibrate(target, prompts, max_new_tokens, eos, max(ks))
     say(f"  baseline {calibration.baseline_tok_s:.1f} tok/s, T(1) {calibration.T(1):.1f} ms, "
         f"harness {calibration.harness_ms:.1f} ms/step")
     if draft_auto:
@@ -305,15 +344,15 @@ def resolve(methods, keys: list[str], pair, draft_spec: ModelSpec | None, input_
                       if draft_auto and method.needs_draft else None),
             "predicted_speedup": predicted / calibration.baseline_tok_s if predicted else None,
             "calibration_speedup": measured / calibration.baseline_tok_s,
-            "calibration_tokens": len(calibration.tokens),
+            "calibration_tokens": sum(len(prompt.tokens) for prompt in calibration.prompts),
         }
         say(choice_line(key, choices[key]))
         if choices[key]["calibration_speedup"] < 1:
             figure = next((f for f in figures if f.model is draft), None) if method.needs_draft else None
             say(f"warning: {key} measured {choices[key]['calibration_speedup']:.2f}x of the baseline on the "
                 f"calibration prompt (baseline {calibration.baseline_tok_s:.1f} tok/s, T(1) {calibration.T(1):.1f} ms"
-                + (f", draft {figure.label} {figure.step_ms:.1f} ms/token, agreement "
-                   f"{sum(figure.agreement) / max(1, len(figure.agreement)):.2f}" if figure else "")
+                + (f", draft {figure.label} {figure.step_ms:.1f} ms/token, agreement {figure.agreement_rate:.2f}"
+                   if figure else "")
                 + "): none of its candidates beat the baseline on this machine")
     if draft_auto:
         pair.draft = chosen

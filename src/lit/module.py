@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from src.data.answers import answers_match, extract_answer
-from src.data.prompts import encode_messages, truncate_left
+from src.data.prompts import encode_messages, round_robin, truncate_left
 from src.decoding.base import DecodingMethod, model_logits, vocab_width
 from src.decoding.baseline import Baseline
 from src.decoding.kv import new_cache
@@ -21,7 +21,7 @@ from src.decoding.profile import measure_profile, predict
 from src.decoding.sampling import SamplingConfig, make_generator
 from src.decoding.timing import timed_generate
 from src.errors import InvalidParameterError
-from src.lit.auto import apply_reused, auto_methods, resolve, reused_choices
+from src.lit.auto import CALIBRATION_PROMPTS, apply_reused, auto_methods, resolve, reused_choices
 from src.lit.system import system_info
 from src.models.loading import load_tokenizer
 from src.models.pair import ModelPair, load_pair
@@ -195,11 +195,11 @@ class DecodingModule(L.LightningModule):
         if trainer.is_global_zero:
             data = trainer.datamodule
             options = data.prompt_options()
-            input_ids, _ = self.first_turn_ids(options, data.load_prompts()[0].turns[0])
+            prompts = round_robin(data.load_prompts())[:CALIBRATION_PROMPTS]  # one per category first
+            calibration = [self.first_turn_ids(options, prompt.turns[0])[0].to(self.input_device) for prompt in prompts]
             ids = {key: fingerprint_id(fp) for key, fp in self.fingerprints(options).items()}
-            choices = resolve(self.methods, self.method_keys, self.pair, self.draft_spec,
-                              input_ids.to(self.input_device), self.max_new_tokens,
-                              reused_choices(self.previous_records, ids))
+            choices = resolve(self.methods, self.method_keys, self.pair, self.draft_spec, calibration,
+                              self.max_new_tokens, reused_choices(self.previous_records, ids))
         choices = trainer.strategy.broadcast(choices, src=0)
         if not trainer.is_global_zero:
             apply_reused(auto, self.pair, self.draft_spec, choices, draft_auto, source=None)
