@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from conftest import write_tiny_predict_config
+from test_auto import auto_config
 
 from src.decoding.profile import chain_prediction
 from src.tools.tune import main, survival_curve
@@ -39,6 +40,15 @@ def test_tune_writes_a_config_with_the_best_k(tmp_path, capsys):
     tuned = yaml.safe_load(out.read_text())
     k = tuned["model"]["init_args"]["methods"][1]["init_args"]["k"]
     assert k in (1, 2, 4) and f"{k:>18}" in printed.split("<- best")[0].splitlines()[-1]
+
+
+def test_tune_chooses_an_auto_draft_copy_as_predict_would_then_tunes_k(tmp_path, capfd):
+    config = auto_config(tmp_path)  # draft `target` with quantization auto, k: auto, a SpecExec of auto shape
+    out = tmp_path / "tuned.yaml"
+    assert main(["--config", str(config), "--prompts", "1", "--ks", "1", "2", "--out", str(out)]) == 0
+    assert "auto: calibrating" in capfd.readouterr().err
+    tuned = yaml.safe_load(out.read_text())
+    assert tuned["model"]["init_args"]["methods"][1]["init_args"]["k"] in (1, 2)
 
 
 def test_tune_refuses_a_config_without_a_draft_method(tmp_path, capsys):

@@ -109,6 +109,19 @@ class Tuner:
         self.module.ensure_pair()
         self.module.setup("predict")
         self.prompts = self.data.load_prompts()
+        self.resolve_auto_draft()
+
+    def resolve_auto_draft(self) -> None:
+        """A config whose draft copy is chosen at run start (``quantization: auto``): chosen here the same way
+        (src.lit.auto, which also sets the config's other ``auto`` values); tuning then varies k or the tree."""
+        from src.data.prompts import round_robin
+        from src.lit.auto import CALIBRATION_PROMPTS, auto_methods, resolve
+
+        module = self.module
+        if not auto_methods(module.methods, module.method_keys, module.draft_spec)[1]:
+            return
+        prompts = [self.encode(prompt) for prompt in round_robin(self.prompts)[:CALIBRATION_PROMPTS]]
+        resolve(module.methods, module.method_keys, module.pair, module.draft_spec, prompts, module.max_new_tokens, {})
 
     def chosen_method(self):
         from src.decoding import SpecExec, SpeculativeSampling
