@@ -146,3 +146,20 @@ def test_on_a_terminal_the_bar_redraws_in_place(monkeypatch):
     text = terminal.getvalue()
     assert text.count("\r") >= 2 and text.endswith("\n") and text.count("\n") == 1
     assert "drawn (resuming: 1/3 already stored)" in text and "3/3" in text
+
+
+def test_still_running_prints_a_line_per_interval_and_nothing_for_a_quick_phase(capsys):
+    import time
+
+    from src.data.progress import still_running
+
+    with still_running("cost profile", interval=0.05):
+        time.sleep(0.18)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2
+    assert all(line.startswith("cost profile: still running, ") for line in lines)
+    with still_running("auto", interval=5.0):
+        pass
+    with still_running("auto", enabled=False, interval=0.01):
+        time.sleep(0.05)
+    assert capsys.readouterr().err == ""

@@ -92,3 +92,26 @@ def shows_progress(trainer) -> bool:
     if trainer is None:
         return True
     return getattr(trainer, "progress_bar_callback", None) is not None and bool(getattr(trainer, "is_global_zero", True))
+
+
+@contextmanager
+def still_running(phase: str, enabled: bool = True, interval: float = LINE_INTERVAL_S) -> Iterator[None]:
+    """For a phase made of steps too uneven for a bar (predict's cost profile, the ``auto`` calibration): a line
+    ``<phase>: still running, 20 s`` every ``interval`` seconds while the block runs, nothing if it ends sooner."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        elapsed = 0.0
+        while not stop.wait(interval):
+            elapsed += interval
+            print(f"{phase}: still running, {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, name=f"still running: {phase}", daemon=True) if enabled else None
+    if thread is not None:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()

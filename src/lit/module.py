@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from src.data.answers import answers_match, extract_answer
+from src.data.progress import still_running
 from src.data.prompts import encode_messages, round_robin, truncate_left
 from src.decoding.base import DecodingMethod, model_logits, vocab_width
 from src.decoding.baseline import Baseline
@@ -198,8 +199,9 @@ class DecodingModule(L.LightningModule):
             prompts = round_robin(data.load_prompts())[:CALIBRATION_PROMPTS]  # one per category first
             calibration = [self.first_turn_ids(options, prompt.turns[0])[0].to(self.input_device) for prompt in prompts]
             ids = {key: fingerprint_id(fp) for key, fp in self.fingerprints(options).items()}
-            choices = resolve(self.methods, self.method_keys, self.pair, self.draft_spec, calibration,
-                              self.max_new_tokens, reused_choices(self.previous_records, ids))
+            with still_running("auto"):
+                choices = resolve(self.methods, self.method_keys, self.pair, self.draft_spec, calibration,
+                                  self.max_new_tokens, reused_choices(self.previous_records, ids))
         choices = trainer.strategy.broadcast(choices, src=0)
         if not trainer.is_global_zero:
             apply_reused(auto, self.pair, self.draft_spec, choices, draft_auto, source=None)
@@ -225,10 +227,11 @@ class DecodingModule(L.LightningModule):
         target, draft = self.pair.target.model, self.pair.draft.model if self.pair.draft is not None else None
         drafters = [d for d in (getattr(m, "drafter", None) for m in self.methods) if d is not None]
         try:
-            self.profile = measure_profile(
-                target, draft if any(m.needs_draft for m in self.methods) else None, drafters,
-                context.to(self.input_device), max(m.verify_width() for m in self.methods), input_ids.shape[1],
-                vocab_width(target), trees=any(m.verifies_trees for m in self.methods))
+            with still_running("cost profile", enabled=self.trainer.is_global_zero if self._trainer else True):
+                self.profile = measure_profile(
+                    target, draft if any(m.needs_draft for m in self.methods) else None, drafters,
+                    context.to(self.input_device), max(m.verify_width() for m in self.methods), input_ids.shape[1],
+                    vocab_width(target), trees=any(m.verifies_trees for m in self.methods))
         except Exception as error:  # a profile is an explanation, never a reason to lose the run
             log.warning("cost profile not measured (%s: %s): records carry no predictions", type(error).__name__, error)
             return
