@@ -5,13 +5,16 @@ Used by the results writer and readers (:mod:`src.results`), the AutoJudge label
 library and :mod:`src.errors` only) rather than part of :mod:`src.results` because the data stores may not
 import the results layer (the import rule in tests/test_layers.py).
 
-A killed run (kill -9, a full disk) can leave the last line of such a file cut. Two policies, both here:
+A killed run (kill -9, a full disk, a crash that leaves NULs) can leave the last line of such a file cut. One
+policy for stores and results files alike: nothing is ever dropped, and a cut line is never a reason to throw a
+file away. :func:`repair_lines` moves every line that is not a JSON object to ``<file>.corrupt`` (named in a
+warning) before the next append, and readers skip such lines with a warning:
 
-- stores (:func:`read_rows`, :func:`append_rows`): a cut *last* line is a row whose work is redone, so it is
-  skipped on read and dropped before the next append (never left mid-file); a bad line elsewhere is an error
-  that names the file, the line and the fix;
-- results files (:func:`read_records`, :func:`repair_lines`): nothing is ever dropped: a cut line is moved
-  to ``<file>.corrupt`` before appending, and readers skip it with a warning.
+- stores (:func:`read_rows`, :func:`append_rows`): a skipped row's work is redone (the prompt or item it
+  finished is mined again); the store's writer repairs its files when it opens the store;
+- results files (:func:`read_records`, :func:`repair_lines`): the resumed run repairs before appending.
+
+A file reached through a symlink is repaired in place of its target, so the link keeps pointing at it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from src.errors import IncompatibleModelsError, MalformedInputError
+from src.errors import IncompatibleModelsError
 
 log = logging.getLogger(__name__)
 
@@ -58,38 +61,69 @@ def jsonl_lines(text: str) -> list[str]:
     return text.split("\n")
 
 
-# ---------------------------------------------------------------- stores (label store, feature store)
+# ---------------------------------------------------------------- one parse for stores and results files
 
-def read_rows(path: Path, fix: str) -> list[dict[str, Any]]:
-    """The rows of an append-only store file ([] when absent); a last line cut by a killed run is skipped, any
-    other bad line is a one-line error ending with ``fix`` (e.g. "delete the label store and mine again")."""
-    if not path.is_file():
-        return []
-    lines = jsonl_lines(path.read_text(encoding="utf-8"))
-    while lines and not lines[-1].strip():
-        lines.pop()
-    rows = []
-    for number, line in enumerate(lines, start=1):
+def split_lines(data: bytes) -> tuple[list[tuple[bytes, dict[str, Any]]], list[tuple[int, bytes]]]:
+    """The lines of a JSONL file's bytes that hold a JSON object, as (line, object), and the others, as (line
+    number, line).
+
+    Split on b"\\n" only (see :func:`jsonl_lines`), and decoded line by line: a line cut inside a multi-byte
+    character is one bad line, not an unreadable file."""
+    good, bad = [], []
+    for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                continue  # a line cut by a killed run
-            raise MalformedInputError(f"{path}:{number} is not valid JSON: {fix}") from error
-    return rows
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict):
+            good.append((line, row))
+        else:
+            bad.append((number, line))
+    return good, bad
+
+
+# ---------------------------------------------------------------- stores (label store, feature store)
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of an append-only store file ([] when absent). A line that is not a JSON object (cut by a
+    killed run) is skipped with a warning: its prompt or item is not finished, so its work is redone; the store's
+    next writer moves it to the side file (:func:`repair_lines`)."""
+    if not path.is_file():
+        return []
+    good, bad = split_lines(path.read_bytes())
+    if bad:
+        log.warning("%s: line %s not valid JSON (cut by a killed run?): skipped, its work is redone; moved to %s "
+                    "when the store is next written", path, ", ".join(str(n) for n, _ in bad), side_file(path))
+    return [row for _, row in good]
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append rows in one write, after dropping a last line cut by a killed run (so it never ends up mid-file)."""
-    if path.is_file() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with path.open("rb+") as handle:
-                handle.truncate(data.rfind(b"\n") + 1)
+    """Append rows in one write. The store was repaired when opened; only a last line
+    cut since then (another writer killed) is checked for here, by reading the file's tail, not all of it."""
+    if not _ends_with_a_whole_row(path):
+        repair_lines(path)
     with path.open("a", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _ends_with_a_whole_row(path: Path, tail_bytes: int = 1 << 16) -> bool:
+    """Whether the file is absent, empty, or ends with a newline after a JSON object (a longer last line than
+    ``tail_bytes`` is left to :func:`repair_lines`, which reads the whole file)."""
+    if not path.is_file() or not path.stat().st_size:
+        return True
+    with path.open("rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - tail_bytes))
+        tail = handle.read()
+    if not tail.endswith(b"\n"):
+        return False
+    last = tail[:-1].rsplit(b"\n", 1)
+    if len(last) == 1 and size > len(tail):
+        return False  # the last line starts before the tail read
+    good, bad = split_lines(last[-1])
+    return bool(good) and not bad
 
 
 def read_meta(meta_path: Path) -> dict[str, Any]:
@@ -145,35 +179,35 @@ def end_with_newline(path: Path) -> None:
                 handle.write("\n")
 
 
+def side_file(path: Path) -> Path:
+    """Where :func:`repair_lines` moves the cut lines of ``path``: ``<path>.corrupt``, beside the name given."""
+    return path.with_name(path.name + ".corrupt")
+
+
 def repair_lines(path: Path) -> int:
-    """Move lines that are not valid JSON (a record cut by a kill or a full disk) to ``<path>.corrupt``.
+    """Move lines that are not a JSON object (a record cut by a kill or a full disk) to ``<path>.corrupt``.
 
     The file is rewritten through a temporary file and an atomic rename, so a crash here loses nothing; the
-    cut lines are appended to the side file, never dropped. Returns how many lines were moved.
+    cut lines are appended to the side file, never dropped. A symlinked ``path`` is resolved first: its target
+    is rewritten (the temporary file beside it), so the link stays and later appends still reach the real file.
+    Returns how many lines were moved.
     """
     if not path.is_file() or not path.stat().st_size:
         return 0
-    good, bad = [], []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-            good.append(line)
-        except json.JSONDecodeError:
-            bad.append((line_number, line))
+    real = path.resolve()
+    good, bad = split_lines(real.read_bytes())
     if not bad:
-        end_with_newline(path)
+        end_with_newline(real)
         return 0
-    side = path.with_name(path.name + ".corrupt")
-    with side.open("a", encoding="utf-8") as handle:
-        handle.writelines(line + "\n" for _, line in bad)
-    temporary = path.with_name(path.name + ".repair.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.writelines(line + "\n" for line in good)
+    side = side_file(path)
+    with side.open("ab") as handle:
+        handle.writelines(line + b"\n" for _, line in bad)
+    temporary = real.with_name(real.name + ".repair.tmp")
+    with temporary.open("wb") as handle:
+        handle.writelines(line + b"\n" for line, _ in good)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    os.replace(temporary, real)
     log.warning("%s: moved %d cut line(s) (line %s) to %s before appending", path, len(bad),
                 ", ".join(str(n) for n, _ in bad), side)
     return len(bad)

@@ -60,7 +60,7 @@ import torch
 from src.data.progress import QUICK_PHASE_DELAY_S, phase_progress
 from src.decoding.base import input_device, layer_features
 from src.errors import IncompatibleModelsError, InvalidParameterError, MalformedInputError, MissingInputError
-from src.jsonl import append_rows, guard_meta, read_meta, read_rows
+from src.jsonl import append_rows, guard_meta, read_meta, read_rows, repair_lines
 
 log = logging.getLogger(__name__)
 
@@ -351,9 +351,6 @@ def feature_meta(
     }
 
 
-FEATURE_STORE_FIX = "delete the feature store and build it again"
-
-
 class FeatureStore:
     """Append-only, resumable store of target features (module docstring)."""
 
@@ -387,6 +384,8 @@ class FeatureStore:
                 f"feature store {self.root} is an EAGLE-1/2 store (final features only) but this fit needs the "
                 f"inputs of target layers {meta['aux_layers']} (EAGLE-3): choose another store_dir for it")
         guard_meta(self.meta_path, meta, f"feature store {self.root} was built", "delete it or choose another dir")
+        for path in (self.items_path, self.answers_path):  # a killed run's cut line: aside, never joined to a row
+            repair_lines(path)
 
     def meta(self) -> dict[str, Any]:
         return read_meta(self.meta_path)
@@ -401,7 +400,7 @@ class FeatureStore:
 
     def finished_items(self) -> dict[str, dict[str, Any]]:
         """item id -> its row in ``items.jsonl`` (the last row wins)."""
-        return {row["item_id"]: row for row in read_rows(self.items_path, FEATURE_STORE_FIX)}
+        return {row["item_id"]: row for row in read_rows(self.items_path)}
 
     def add_batch(self, items: Sequence[EncodedItem], features: Sequence[torch.Tensor]) -> str:
         """Write one batch: its shard first, then one row per item (which marks it finished). Returns the shard."""
@@ -438,7 +437,7 @@ class FeatureStore:
         if not self.meta_path.is_file():
             raise InvalidParameterError(f"feature store {self.root} is not open: call store.open(feature_meta(...)) "
                                         "before generating answers into it")
-        rows = read_rows(self.answers_path, FEATURE_STORE_FIX)
+        rows = read_rows(self.answers_path)
         settings = json.loads(json.dumps(settings))
         for row in rows:
             if row.get("settings") != settings:

@@ -41,7 +41,7 @@ from src.data.progress import QUICK_PHASE_DELAY_S, phase_progress
 from src.decoding.base import vocab_width
 from src.decoding.branches import BranchDecoder, greedy_answers
 from src.decoding.sampling import SamplingConfig, logits_to_probs
-from src.jsonl import append_rows, guard_meta, read_meta, read_rows
+from src.jsonl import append_rows, guard_meta, read_meta, read_rows, repair_lines
 from src.models.judge import STATS_FEATURES, LabelSet
 
 log = logging.getLogger(__name__)
@@ -228,9 +228,6 @@ def mismatch_stats(
 # ---------------------------------------------------------------- the store
 
 
-LABEL_STORE_FIX = "delete the label store and mine again"
-
-
 class LabelStore:
     """Append-only store of mined labels (module docstring); safetensors for tensors, JSONL for the rest."""
 
@@ -244,16 +241,42 @@ class LabelStore:
     def exists(self) -> bool:
         return self.meta_path.is_file() and bool(self.finished_prompts())
 
+    @property
+    def prompts_path(self) -> Path:
+        return self.root / "prompts.jsonl"
+
+    @property
+    def labels_path(self) -> Path:
+        return self.root / "labels.jsonl"
+
     def open(self, meta: dict[str, Any]) -> None:
-        """Create the store, or check that an existing one was mined with the same models and settings."""
+        """Create the store, or check that an existing one was mined with the same models and settings; move the
+        lines a killed run cut aside (src.jsonl.repair_lines), so this run's rows never join a fragment."""
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
         guard_meta(self.meta_path, meta, f"label store {self.root} was mined", "delete it or choose another store_dir")
+        for path in (self.prompts_path, self.labels_path):
+            repair_lines(path)
 
     def meta(self) -> dict[str, Any]:
         return read_meta(self.meta_path)
 
     def finished_prompts(self) -> dict[str, dict[str, Any]]:
-        return {row["prompt_id"]: row for row in read_rows(self.root / "prompts.jsonl", LABEL_STORE_FIX)}
+        """prompt id -> its row in ``prompts.jsonl``, for prompts whose every label row is there too."""
+        return self._finished(self._label_rows())
+
+    def _label_rows(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """(prompt id, row) -> label row; a prompt mined twice (killed after its labels, before its prompt row)
+        keeps its last rows."""
+        return {(r["prompt_id"], r["row"]): r for r in read_rows(self.labels_path)}
+
+    def _finished(self, label_rows: dict[tuple[str, int], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # A cut label line moved aside (src.jsonl) leaves its prompt short of a label: mined again, not lost.
+        labelled: dict[str, int] = {}
+        for prompt_id, _ in label_rows:
+            labelled[prompt_id] = labelled.get(prompt_id, 0) + 1
+        prompts = {row["prompt_id"]: row for row in read_rows(self.prompts_path)}
+        return {prompt_id: row for prompt_id, row in prompts.items()
+                if labelled.get(prompt_id, 0) >= row.get("mismatches", 0)}
 
     def add(self, prompt_id: str, mined: MinedPrompt, seconds: float) -> None:
         """Write one prompt: features shard, label rows, then the prompt row that marks it finished."""
@@ -265,12 +288,12 @@ class LabelStore:
                 "draft_hidden": torch.stack([m.draft_hidden for m in mined.mismatches]).contiguous(),
                 "target_hidden": torch.stack([m.target_hidden for m in mined.mismatches]).contiguous(),
             }, str(self.root / shard))
-        append_rows(self.root / "labels.jsonl", [{
+        append_rows(self.labels_path, [{
             "prompt_id": prompt_id, "position": m.position, "draft_token": m.draft_token,
             "target_token": m.target_token, "label": m.label, "shard": shard, "row": row,
             "continuation_tokens": m.continuation_tokens, "stats": m.stats,
         } for row, m in enumerate(mined.mismatches)])
-        append_rows(self.root / "prompts.jsonl", [{  # written last: it marks the prompt finished
+        append_rows(self.prompts_path, [{  # written last: it marks the prompt finished
             "prompt_id": prompt_id, "reference_answer": mined.reference_answer, "stopped_by": mined.stopped_by,
             "mismatches": len(mined.mismatches), "important": sum(m.label for m in mined.mismatches),
             "found": mined.found, "answer_tokens": len(mined.answer_tokens), "seconds": round(seconds, 3),
@@ -281,11 +304,9 @@ class LabelStore:
         ``show_progress``: a bar over the labels, should reading their shards take a while."""
         from safetensors.torch import load_file
 
-        finished = self.finished_prompts()
-        rows = [r for r in read_rows(self.root / "labels.jsonl", LABEL_STORE_FIX) if r["prompt_id"] in finished]
-        # A prompt mined twice (killed after its shard, before its prompt row) keeps its last rows only.
-        latest = {(r["prompt_id"], r["row"]): r for r in rows}
-        rows = list(latest.values())
+        label_rows = self._label_rows()
+        finished = self._finished(label_rows)
+        rows = [r for r in label_rows.values() if r["prompt_id"] in finished]
         shards: dict[str, dict[str, torch.Tensor]] = {}
         draft, target = [], []
         # one shard per prompt: seconds for thousands of prompts (configs/autojudge-long.yaml mines 7,473)

@@ -42,6 +42,17 @@ log = logging.getLogger(__name__)
 MINING_VERSION = "forks/2"  # src.data.mining's labelling: a store mined by another version is refused
 
 
+def mining_group_size(mine_group: int, remaining_s: float, seconds_per_prompt: float) -> int:
+    """Prompts to mine side by side next: ``mine_group``, fewer when the rest of the time budget would not hold
+    them: a group cannot stop halfway (a budget checked only between groups of 16 overran 5 s by 99 s).
+    ``seconds_per_prompt`` is the slowest per-prompt time a group has taken (0: none mined yet, so one prompt
+    measures it); counting every prompt of a group at that rate overestimates a batched group, never under.
+    At least one prompt while budget is left: the overrun is at most one prompt's time."""
+    if seconds_per_prompt <= 0:
+        return 1
+    return max(1, min(mine_group, int(remaining_s / seconds_per_prompt)))
+
+
 def prompt_seed(prompt_id: str, seed: int) -> int:
     """A per-prompt seed (for sampling its mismatches) that does not depend on the order prompts are mined in."""
     return int(hashlib.sha1(f"{seed}:{prompt_id}".encode()).hexdigest()[:8], 16)
@@ -59,8 +70,9 @@ class JudgeDataModule(PromptDataModule):
         mine_max_new_tokens: length of the target's answers while mining (a prompt whose answer does not end
             within it is skipped: its last number is not a final answer).
         mine_max_mismatches: labels per prompt at most (a seeded sample of its mismatches when it has more).
-        mine_time_budget_s: wall-time budget of the whole mining, checked between groups (prompts left are
-            skipped; rerun fit to go on).
+        mine_time_budget_s: wall-time budget of the whole mining (prompts left are skipped; rerun fit to go
+            on). A group runs to its end, so groups are sized to fit what is left of it (the first is one prompt,
+            to measure): the budget is overrun by at most about one prompt's time.
         mine_group: prompts whose answers are decoded side by side (:mod:`src.decoding.branches`).
         mine_fork_batch: mismatch continuations decoded side by side at most (one batch row and KV cache each:
             ~9 GB peak at 256 on the embedded pair; lower it for a bigger target).
@@ -172,14 +184,16 @@ class JudgeDataModule(PromptDataModule):
         def encode(prompt) -> list[int]:  # formatted as predict formats a first turn
             return module.first_turn_ids(options, prompt.turns[0])[0][0].tolist()
 
-        labels = important = skipped = mined_prompts = left = 0
+        labels = important = skipped = mined_prompts = 0
+        seconds_per_prompt = 0.0  # the slowest a group has mined per prompt: what sizes the groups near the end
         with phase_progress("mining AutoJudge labels", already + len(prompts), already, "prompt",
                             shows_progress(self.trainer)) as bar:
-            for first in range(0, len(prompts), self.mine_group):
-                if time.monotonic() - start > self.mine_time_budget_s:
-                    left = len(prompts) - first
+            while mined_prompts < len(prompts):
+                remaining = self.mine_time_budget_s - (time.monotonic() - start)
+                if remaining <= 0:
                     break
-                group = prompts[first : first + self.mine_group]
+                size = mining_group_size(self.mine_group, remaining, seconds_per_prompt)
+                group = prompts[mined_prompts : mined_prompts + size]
                 group_start = time.monotonic()
                 mined = mine_prompts(
                     pair.target.model, pair.draft.model, [encode(p) for p in group], self.mine_max_new_tokens,
@@ -187,6 +201,7 @@ class JudgeDataModule(PromptDataModule):
                     seeds=[prompt_seed(p.prompt_id, self.seed) for p in group], fork_batch=self.mine_fork_batch,
                 )
                 seconds = (time.monotonic() - group_start) / len(group)
+                seconds_per_prompt = max(seconds_per_prompt, seconds)
                 for prompt, result in zip(group, mined):
                     self.store.add(prompt.prompt_id, result, seconds)
                     labels += len(result.mismatches)
@@ -197,9 +212,12 @@ class JudgeDataModule(PromptDataModule):
                 bar.set_postfix_str(f"{labels} labels ({labels / minutes:.0f}/min), {important} important, "
                                     f"{skipped} skipped", refresh=False)
                 bar.update(len(group))
+        left = len(prompts) - mined_prompts
         if left:  # after the bar's last line, not inside it
-            log.warning("mining budget (%.0f s) spent: %d prompts left; rerun fit to go on", self.mine_time_budget_s,
-                        left)
+            spent = time.monotonic() - start
+            log.warning("mining budget (%g s) spent: stopped after %.1f s, %.1f s over (the prompts in flight "
+                        "finished first); %d prompts left; rerun fit to go on", self.mine_time_budget_s, spent,
+                        max(0.0, spent - self.mine_time_budget_s), left)
         minutes = (time.monotonic() - start) / 60
         log.info("mined %d labels (%d important) from %d prompts (+%d earlier) in %.1f min (%.1f labels/min) into %s",
                  labels, important, mined_prompts, already, minutes, labels / max(minutes, 1e-9), self.store.root)
