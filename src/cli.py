@@ -26,7 +26,7 @@ from src.lit.interrupts import RunInterrupted
 from src.lit.progress import use_speedup_progress_bar
 from src.lit.reporting import MetricsReporter
 from src.lit.results import ResultsWriter
-from src.results.files import check_output_path
+from src.results.files import OutputLock, check_output_path
 from src.results.summary import format_summary_table
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -163,6 +163,8 @@ class SpSampCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """A ``--trainer.*`` value Lightning refuses (``--trainer.devices abc``) is the user's mistake: one line."""
+        if self.subcommand == "fit":
+            self.check_model_trains()
         try:
             return super().instantiate_trainer(**kwargs)
         except (TypeError, ValueError) as error:
@@ -171,6 +173,19 @@ class SpSampCLI(LightningCLI):
             raise InvalidParameterError(
                 f"{error} (a --trainer.* value: `python -m src predict --help-all` lists them)"
             ) from error
+
+    def check_model_trains(self) -> None:
+        """Fit with a predict config (a decoding module has no training_step): say so before Lightning's own
+        error, which blames a --trainer.* value."""
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        if is_overridden("training_step", self.model, L.LightningModule):
+            return
+        configs = " ".join(str(path) for path in self.config[self.subcommand].get("config") or []) or "this config"
+        raise InvalidParameterError(
+            f"{configs} is not a training config ({type(self.model).__name__} trains nothing): run it with "
+            "`python -m src predict`, or fit with a training config, e.g. configs/autojudge.yaml or configs/eagle.yaml"
+        )
 
     def init_parser(self, **kwargs):
         """Parse errors raise (``python -m src`` prints them as one line) instead of a 70-line usage dump."""
@@ -191,6 +206,10 @@ class SpSampCLI(LightningCLI):
             if stop.message is None:  # stopped at once (not between prompts): say what is kept
                 stop.message = self.fit_stop_message(stop) if subcommand == "fit" else self.stopped_predict(stop)
             raise
+        finally:
+            if getattr(self, "output_lock", None) is not None:
+                self.output_lock.release()
+                self.output_lock = None
 
     def _set_seed(self) -> None:
         """Seed with ``--model.seed`` when ``--seed_everything`` is left at its default, so the one seed a user
@@ -213,6 +232,11 @@ class SpSampCLI(LightningCLI):
                 "a spawning strategy (ddp_spawn, ddp_notebook, ...) is not supported by predict: "
                 "use --trainer.strategy ddp for data-parallel predict"
             )
+        if self.trainer.limit_predict_batches == 0:
+            raise InvalidParameterError(
+                "--trainer.limit_predict_batches 0 decodes no prompt (and writes no file): drop it, or give the "
+                "number of prompts to run (--data.limit N does the same)"
+            )
         if prompts is not None and 0 < len(prompts) < world_size:
             raise InvalidParameterError(
                 f"{len(prompts)} prompts cannot be shared by {world_size} processes (each needs one): "
@@ -223,6 +247,7 @@ class SpSampCLI(LightningCLI):
         output = Path(config.output)
         if self.trainer.is_global_zero:
             output = check_output_path(output, config.resume, self.input_paths())
+            self.output_lock = OutputLock.acquire(output)  # released when the run ends (by the kernel on kill -9)
         self.results_writer = ResultsWriter(output, resume=config.resume, new_config=config.resume_as_new_config)
         self.trainer.callbacks.append(self.results_writer)
         experiment = config.experiment or self.config_stem()
@@ -266,7 +291,10 @@ class SpSampCLI(LightningCLI):
 
     def print_record_counts(self) -> None:
         writer = self.results_writer
-        skipped = f", {len(writer.previous)} already done" if writer.previous else ""
+        if not writer.output.exists():
+            print(f"wrote 0 records: no file created ({writer.output})", flush=True)
+            return
+        skipped = f", {writer.already_done} already done" if writer.already_done else ""
         print(f"wrote {writer.written} records ({writer.ok} ok{skipped}) to {writer.output}", flush=True)
 
     def prompt_count(self) -> int:

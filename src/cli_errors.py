@@ -26,6 +26,11 @@ _NOISE = re.compile(
 )
 _PARSER_KEY = re.compile(r'^(?:- )?Parser key "([^"]+)":$')
 _CLASS_PATH = re.compile(r"^(?:- )?Problem with given class_path '([^']+)':$")
+# What jsonargparse names as the owner of an option when the config gives no ``class_path``.
+_BASE_CLASSES = {
+    "lightning.LightningModule": "model", "lightning.pytorch.LightningModule": "model",
+    "lightning.LightningDataModule": "data", "lightning.pytorch.LightningDataModule": "data",
+}
 _LIST_EXPECTED = "Expected a <class 'list'>"
 _BAD_IMPORT = ("has no attribute", "No module named", "Expected a dot import path string",
                "does not correspond to a subclass", "Import path", "is not a subclass")
@@ -103,6 +108,13 @@ def explain_parse_error(message: str) -> str:
         return f"unknown class_path {bad!r} for {option}: give the full import path of the class ({text})"
     if match := re.match(r"Option '([^']+)' is not accepted", text):
         full = ".".join([*keys, match.group(1)])
+        if class_path in _BASE_CLASSES:
+            # Only a config naming the class gives options to take: a model preset (configs/models/*.yaml)
+            # sets the models of a full config and has none.
+            what = _BASE_CLASSES[class_path]
+            return (f"--{full} is set but no config names the {what} class_path (a model preset such as "
+                    f"configs/models/*.yaml only completes a full config): put a full config first, e.g. "
+                    f"--config configs/specexec.yaml --config <the preset>")
         owner = f" of {class_path}" if class_path else ""
         return f"--{full} is not an option{owner}: `python -m src predict --help` lists the options"
     if match := re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", text):

@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning as L
 
-from src.errors import OutputExistsError, OutputNotWritableError
+from src.errors import OutputExistsError, OutputNotWritableError, UserInputError
 from src.jsonl import repair_lines
 from src.lit import interrupts
 from src.lit.distributed import gather_from_ranks
@@ -54,6 +54,9 @@ class ResultsWriter(L.Callback):
         self.resume = resume
         self.new_config = new_config
         self.previous: dict[str, dict[str, Any]] = {}  # resume_key -> ok record of an earlier run
+        # ok records of this run's configuration among them (the others, kept by --resume_as_new_config, are
+        # not "already done" by this run)
+        self.already_done = 0
         self.written = 0
         self.ok = 0
         self.prompts_done = 0
@@ -68,18 +71,26 @@ class ResultsWriter(L.Callback):
         self.world_size = trainer.world_size
         self.written = self.ok = self.prompts_done = 0
         self.stopped_by = None
-        problem, previous = None, {}
+        problem, previous, already_done = None, {}, 0
         if trainer.is_global_zero:
             try:
                 with interrupts.deferred():  # a repair or a fold rewrites the output
                     previous = self._prepare_output(prompt_order(trainer.datamodule))
-                self._check_configuration(previous, pl_module, trainer.datamodule)
+                fingerprints = self._fingerprints(pl_module, trainer.datamodule) if previous else None
+                self._check_configuration(previous, fingerprints)
+                already_done = self._count_this_configuration(previous, fingerprints)
             except (OSError, ValueError) as error:  # raised on every rank alike below: no rank is left waiting
                 problem = error
-        problem, previous = strategy.broadcast((problem, previous), src=0)
+                if isinstance(error, OSError) and not isinstance(error, UserInputError):  # e.g. a disk still full
+                    problem = OutputNotWritableError(
+                        f"cannot prepare {self.output} for the resume ({error.strerror or error}): its records are "
+                        "kept as they were; free space (or fix the location) and rerun with --resume true"
+                    )
+        problem, previous, already_done = strategy.broadcast((problem, previous, already_done), src=0)
         if problem is not None:
             raise problem
         self.previous = previous
+        self.already_done = already_done
         if hasattr(pl_module, "previous_records"):
             pl_module.previous_records = self.previous
         if hasattr(pl_module, "run_id"):  # one run id for the records of every rank
@@ -106,17 +117,33 @@ class ResultsWriter(L.Callback):
             )
         return read_ok_records(self.output)
 
-    def _check_configuration(self, previous: dict[str, dict[str, Any]], pl_module, datamodule) -> None:
+    @staticmethod
+    def _fingerprints(pl_module, datamodule) -> dict[str, dict[str, Any]] | None:
+        """method key -> this run's fingerprint (None for a module without fingerprints)."""
+        if not hasattr(pl_module, "fingerprints"):
+            return None
+        options = datamodule.prompt_options() if hasattr(datamodule, "prompt_options") else {}
+        return pl_module.fingerprints(options)
+
+    @staticmethod
+    def _count_this_configuration(previous: dict[str, dict[str, Any]], fingerprints: dict | None) -> int:
+        """The ok records a resume of this configuration reuses: its resume keys hold the fingerprint, so a
+        record of another fingerprint (kept next to it by --resume_as_new_config) is never one of them."""
+        if fingerprints is None:
+            return len(previous)
+        ids = {method_key: fingerprint_id(fingerprint) for method_key, fingerprint in fingerprints.items()}
+        return sum(ids.get(record.get("method")) == record.get("fingerprint_id") for record in previous.values())
+
+    def _check_configuration(self, previous: dict[str, dict[str, Any]], fingerprints: dict | None) -> None:
         """Refuse a resume whose configuration differs from the one the output's records were made with.
 
         Per method key: if the output holds ok records of it and none has this run's fingerprint, continuing
         would put two configurations under one name (e.g. a float32 and a bfloat16 target). ``new_config``
         adds this one next to them instead: the resume keys hold the fingerprint, so the records stay apart.
         """
-        if not previous or self.new_config or not hasattr(pl_module, "fingerprints"):
+        if not previous or self.new_config or fingerprints is None:
             return
-        options = datamodule.prompt_options() if hasattr(datamodule, "prompt_options") else {}
-        for method_key, fingerprint in pl_module.fingerprints(options).items():
+        for method_key, fingerprint in fingerprints.items():
             theirs = [r for r in previous.values() if r.get("method") == method_key]
             if not theirs or any(r.get("fingerprint_id") == fingerprint_id(fingerprint) for r in theirs):
                 continue

@@ -5,9 +5,11 @@ merging them, and the ``ok`` records a resume skips. No torch, no Lightning: the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,19 @@ def check_output_path(path: str | Path, resume: bool, inputs: Iterable[str | Pat
             )
     if path.is_dir():
         raise OutputNotWritableError(f"--output {path} is a folder: give a file path, e.g. {path / 'results.jsonl'}")
+    if path.exists() and not path.is_file():  # a FIFO would block the first append until a reader comes, forever
+        raise OutputNotWritableError(
+            f"--output {path} is not a regular file (a FIFO, a device or a socket): give a results file path, "
+            "e.g. datasets/results.jsonl"
+        )
+    folder = _nearest_existing(path.parent)
+    if not folder.is_dir():
+        raise OutputNotWritableError(
+            f"cannot write results to {path}: {folder} is a file, not a folder: choose another --output"
+        )
+    holder = output_lock_holder(path)
+    if holder is not None:  # before the "already exists" check: the file may be the other run's, still growing
+        raise OutputExistsError(_locked_message(path, holder))
     has_records = path.is_file() and path.stat().st_size > 0  # an empty file (an earlier failed run) holds nothing
     if has_records and not resume:
         raise OutputExistsError(
@@ -63,7 +78,6 @@ def check_output_path(path: str | Path, resume: bool, inputs: Iterable[str | Pat
             f"part files of an earlier data-parallel run of {path} exist ({names}): pass --resume true to fold "
             "their records into it and continue, or move them away"
         )
-    folder = _nearest_existing(path.parent)
     writable = os.access(path, os.W_OK) if path.exists() else folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
     if not writable:
         raise OutputNotWritableError(f"cannot write results to {path} (no write permission in {folder}): "
@@ -169,3 +183,110 @@ def prompt_order(datamodule: Any) -> dict[tuple[str, str], int]:
         key = (getattr(prompt, "dataset", None), getattr(prompt, "prompt_id", None))
         order.setdefault(key, index)
     return order
+
+
+# ---------------------------------------------------------------- one writer per output
+
+def lock_path(output: Path) -> Path:
+    """The sidecar file the advisory lock of ``output`` is taken on: ``<output>.lock`` next to the file a symlink
+    points to (two names of one file share one lock), as the output itself may not exist yet (it is created with
+    its first record)."""
+    real = Path(os.path.realpath(output))
+    return real.with_name(f"{real.name}.lock")
+
+
+def output_lock_holder(output: Path) -> int | str | None:
+    """The pid of the process holding ``output``'s lock (``"?"`` when it wrote none yet), or None when free.
+    Creates nothing: a probe for the check before any model loads."""
+    try:
+        descriptor = os.open(lock_path(Path(output)), os.O_RDONLY)
+    except OSError:  # no lock file (no run holds it), or one we may not read: OutputLock.acquire decides
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _pid_in(descriptor)
+    else:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(descriptor)
+
+
+def _pid_in(descriptor: int) -> int | str:
+    text = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else "?"
+
+
+def _locked_message(output: Path, holder: int | str) -> str:
+    return (
+        f"--output {output} is being written by another run (pid {holder}): wait for it to end (or stop it), "
+        "then pass --resume true to continue its file, or choose another --output"
+    )
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``<output>.lock`` held for a whole run, so one output has one writer at a time.
+
+    flock is released by the kernel when the process ends, kill -9 included, so a killed run never leaves a
+    stale lock: a lock file without a holder is free. ``release`` deletes the lock file and the folders that
+    ``acquire`` created for it (the output's own folder is created again with its first record).
+    """
+
+    def __init__(self, path: Path, descriptor: int, created: list[Path]) -> None:
+        self.path, self.descriptor, self.created = path, descriptor, created
+
+    @classmethod
+    def acquire(cls, output: str | Path) -> OutputLock:
+        """Take the lock or refuse in one line naming the other process (its pid)."""
+        output = Path(output)
+        path = lock_path(output)
+        created = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _pid_in(descriptor)
+                    os.close(descriptor)
+                    raise OutputExistsError(_locked_message(output, holder)) from None
+                # A holder that released deletes the file: a lock taken on the deleted one guards nothing.
+                if _same_inode(descriptor, path):
+                    break
+                os.close(descriptor)
+        except OSError as error:
+            if isinstance(error, OutputExistsError):
+                raise
+            raise OutputNotWritableError(
+                f"cannot create the lock file {path} of --output {output} ({error.strerror or error}): "
+                "free space or fix the location, or choose another --output"
+            ) from error
+        try:  # the pid is for the refusal message only: a disk too full for it leaves the lock held anyway
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
+        return cls(path, descriptor, created)
+
+    def release(self) -> None:
+        if self.descriptor < 0:
+            return
+        self.path.unlink(missing_ok=True)  # before unlocking: a waiting run then makes a new file
+        os.close(self.descriptor)
+        self.descriptor = -1
+        for folder in self.created:  # innermost first; a folder the run filled stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _same_inode(descriptor: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(descriptor)
+    return stat.S_ISREG(held.st_mode) and (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
