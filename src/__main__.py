@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str]) -> int:
     # Imported here, not at the top: `methods` lists the methods without loading Lightning and its CLI.
     if argv[:1] == ["methods"]:
+        extra = [arg for arg in argv[1:] if arg not in ("-h", "--help")]  # the listing is its own help
+        if extra:
+            from src.errors import InvalidParameterError
+
+            raise InvalidParameterError(
+                f"`methods` takes no arguments, got {' '.join(extra)}: run `python -m src methods` alone (it lists "
+                "every method and its parameters)")
         from src.cli_help import methods_text
 
         print(methods_text())

@@ -468,3 +468,38 @@ def test_older_records_name_the_near_tie_check_only_where_it_applies():
                      ok_record("speculative", "1", turn=2, matches_baseline=False, first_divergence=2)]
     for records in (equal, equal + off_by_design):  # a lossy method, or a later turn, is never classed
         assert "time split" in note(records) and "near-tie" not in note(records)
+
+
+def test_x_base_is_taken_against_the_baseline_of_the_same_configuration(tmp_path):
+    """Issue 27 item 4: two configurations (fp32 / bf16 target), each with its baseline, and a third without one."""
+    def config(dtype: str, max_new_tokens: int = 64) -> tuple[dict, dict]:
+        changes = {"target.dtype": dtype, "params.max_new_tokens": max_new_tokens}
+        return (fingerprint("baseline", draft=None, files={}, **changes) | {"params": {"max_new_tokens": max_new_tokens}},
+                fingerprint(**changes))
+
+    (base32, spec32), (base16, spec16), (_, spec_long) = config("float32"), config("bfloat16"), config("float32", 128)
+    def timed(method: str, prompt_id: str, fp: dict, tokens_per_s: float) -> dict:
+        wall_s = 8 / tokens_per_s  # the drafter takes a quarter of it
+        return fingerprinted(method, prompt_id, fp, tokens_per_s=tokens_per_s, target_s=wall_s / 2,
+                             draft_s=wall_s / 4, other_s=wall_s / 4)
+
+    records = []
+    for i in ("1", "2"):
+        records += [timed("baseline", i, base32, 10.0), timed("baseline", i, base16, 20.0),
+                    timed("speculative", i, spec32, 30.0), timed("speculative", i, spec16, 30.0),
+                    timed("speculative", i, spec_long, 50.0)]
+    out = tmp_path / "report"
+    assert main([write(tmp_path / "r.jsonl", records), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    ratios = {label: table_row(summary(md), label, "all")[4]
+              for label in ("baseline #1", "baseline #2", "speculative #1", "speculative #2", "speculative #3")}
+    assert ratios == {"baseline #1": "1.000", "baseline #2": "1.000", "speculative #1": "3.000",
+                      "speculative #2": "1.500", "speculative #3": "-"}
+    assert table_row(summary(md), "speculative #2", "writing")[4] == "1.500"
+    assert "No baseline of the same configuration (target, prompt formatting, sampling) in the input for " \
+           "`speculative #3`: their x base is `-`" in md
+    times = {line.strip("|").split(" | ")[0].strip(): [c.strip() for c in line.strip("|").split(" | ")]
+             for line in md.split("Where the time goes")[1].splitlines() if line.startswith("| ")}
+    # x base, then x base with a free drafter: 30 tok/s without the drafter's quarter is 40, over bf16's 20
+    assert times["speculative #2"][7:9] == ["1.500", "2.000"]
+    assert times["speculative #3"][7:9] == ["-", "-"]

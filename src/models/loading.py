@@ -12,12 +12,25 @@ import torch
 from src.errors import InvalidParameterError, MissingInputError
 from src.models.embedded import ensure_converted, is_embedded
 from src.models.gguf import clear_gguf_quantized_flag, unsupported_gguf
-from src.models.quantize import TORCHAO_QUANTIZATIONS, import_torchao, quantize_weights
+from src.models.quantize import (
+    TORCHAO_QUANTIZATIONS,
+    import_bitsandbytes,
+    import_torchao,
+    quantize_weights,
+    quiet_loggers,
+)
 from src.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# huggingface_hub logs two lines per retry of an unreachable hub (22 for one model) before transformers raises the
+# error that load_tokenizer / load_model turn into one line: kept out while loading.
+HUB_RETRY_LOGGERS = ("huggingface_hub.utils._http",)
+# Files one of which a tokenizer needs (fast, sentencepiece, BPE or WordPiece vocabulary); tokenizer_config.json
+# alone is not enough.
+TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                              "vocab.json", "vocab.txt", "tiktoken.model")
 
 
 @dataclass
@@ -59,6 +72,42 @@ def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
     return spec.name_or_path, spec.gguf_file
 
 
+def check_device(spec: ModelSpec) -> None:
+    """Refuse a device this machine lacks before anything loads (transformers fails deep in its loader, with a
+    60-line traceback, after the tokenizer and the checkpoint are read)."""
+    if spec.device is None or spec.device_map is not None:  # a device map names its own devices
+        return
+    try:
+        device = torch.device(spec.device)
+    except RuntimeError as error:
+        raise InvalidParameterError(
+            f"device {spec.device!r} of {spec.name_or_path!r} is not a device ({str(error).splitlines()[0]}): "
+            "use cpu, cuda or cuda:N") from error
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        why = "torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        raise InvalidParameterError(
+            f"device {spec.device!r} of {spec.name_or_path!r}: this machine has no GPU ({why}): use device cpu, "
+            "or leave device unset (cuda when available, else cpu)")
+    if device.index is not None and device.index >= count:
+        raise InvalidParameterError(
+            f"device {spec.device!r} of {spec.name_or_path!r}: this machine has {count} GPU(s) "
+            f"(cuda:0..cuda:{count - 1}): use one of them")
+
+
+def _missing_tokenizer(folder: Path) -> MissingInputError | None:
+    """The one-line error for a local folder without tokenizer files (None when it has some)."""
+    if not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
+        return None
+    present = sorted(p.name for p in folder.iterdir())[:20]
+    return MissingInputError(
+        f"model folder {folder} has no tokenizer: none of {', '.join(TOKENIZER_VOCABULARY_FILES)} is there (it "
+        f"holds {present}): copy the tokenizer files of the model it was saved from into it, or set the model's "
+        "tokenizer: to a folder or hub id that has them")
+
+
 def _load_tokenizer(source: str, gguf_file: str | None, spec: ModelSpec):
     from transformers import AutoTokenizer
 
@@ -72,11 +121,19 @@ def _load_tokenizer(source: str, gguf_file: str | None, spec: ModelSpec):
 
 def load_tokenizer(spec: ModelSpec):
     """The tokenizer alone (cheap): lets the tokenizer guard run before any weights load."""
+    check_device(spec)
     source, gguf_file = resolve_source(spec)
     try:
-        return _load_tokenizer(source, gguf_file, spec)
-    except OSError as error:  # transformers' "not found on the hub / not cached / no connection"
-        raise _unreachable(spec, error) from error
+        with quiet_loggers(HUB_RETRY_LOGGERS):
+            return _load_tokenizer(source, gguf_file, spec)
+    except (OSError, ValueError, TypeError) as error:
+        # a local folder without tokenizer files fails in transformers with one of these, naming neither
+        missing = None if gguf_file else _missing_tokenizer(Path(spec.tokenizer or source).expanduser())
+        if missing is not None:
+            raise missing from error
+        if isinstance(error, OSError):  # transformers' "not found on the hub / not cached / no connection"
+            raise _unreachable(spec, error) from error
+        raise
 
 
 def _unreachable(spec: ModelSpec, error: OSError) -> MissingInputError:
@@ -141,7 +198,10 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
         raise InvalidParameterError(
             f"quantization 'auto' of {spec.name_or_path!r} is chosen by predict's run start (a draft only): "
             "give a fixed quantization here (none, bnb-8bit, bnb-4bit, torchao-int8, torchao-int4)")
+    check_device(spec)
     import_torchao()  # transformers imports it when installed; first here, without its import-time log lines
+    if spec.quantization.startswith("bnb-"):
+        import_bitsandbytes()  # before transformers' quantizer imports it, with its log line
 
     source, gguf_file = resolve_source(spec)
     if tokenizer is None:
@@ -167,7 +227,8 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
     elif quantization_config is not None or device != "cpu":
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with quiet_loggers(HUB_RETRY_LOGGERS):
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (ValueError, KeyError, NotImplementedError) as error:
         if gguf_file:
             raise unsupported_gguf(error, f"{gguf_file} in {source}") from error

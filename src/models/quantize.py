@@ -30,7 +30,8 @@ PYTREE_LOGGER = "torch.utils._pytree"
 
 
 @contextlib.contextmanager
-def _quiet_loggers(names: tuple[str, ...]):
+def quiet_loggers(names: tuple[str, ...]):
+    """Loggers ``names`` at ERROR inside the block: a library's warnings a user cannot act on stay out."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -46,11 +47,18 @@ def import_torchao():
     """torchao, imported once without its import-time log lines; None when it is not installed."""
     logging.getLogger(PYTREE_LOGGER).setLevel(logging.ERROR)
     try:
-        with _quiet_loggers(NOISY_IMPORT_LOGGERS):
+        with quiet_loggers(NOISY_IMPORT_LOGGERS):
             import torchao.quantization
     except ImportError:
         return None
     return torchao
+
+
+def import_bitsandbytes() -> None:
+    """bitsandbytes, imported once before transformers' quantizer does, without its import-time log line (a CPU
+    kernel it cannot find, "pip install kernels": library noise a user cannot act on)."""
+    with quiet_loggers(("bitsandbytes",)):
+        import bitsandbytes  # noqa: F401 - the import is the point: later imports find it loaded
 
 
 def torchao_config(quantization: str, device_type: str, int4_group_size: int):
@@ -62,7 +70,7 @@ def torchao_config(quantization: str, device_type: str, int4_group_size: int):
         return torchao.quantization.Int8WeightOnlyConfig()
     if device_type == "cuda":
         return torchao.quantization.Int4WeightOnlyConfig(group_size=int4_group_size)
-    with _quiet_loggers(NOISY_IMPORT_LOGGERS):
+    with quiet_loggers(NOISY_IMPORT_LOGGERS):
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
     return PrototypeInt4WeightOnlyConfig(group_size=int4_group_size)
 
@@ -80,5 +88,5 @@ def quantize_weights(model, quantization: str, int4_group_size: int = 32) -> Non
     config = torchao_config(quantization, device_type, int4_group_size)
     from torchao.quantization import quantize_
 
-    with _quiet_loggers(NOISY_IMPORT_LOGGERS):
+    with quiet_loggers(NOISY_IMPORT_LOGGERS):
         quantize_(model, config)

@@ -26,6 +26,16 @@ from typing import Any
 from src.jsonl import UnreadableFileError, jsonl_lines, read_text
 from src.results.schema import METHOD_FIELDS, NUMBER, fields_of, method_family
 
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose argument errors are the house's one line (``error: <problem>: <fix>``, exit status 2)
+    instead of a usage block before it; ``--help`` still prints the usage. Shared by the tools' command lines
+    (check_results, report, tune, spec_bench_export): it lives here, in the torch-free layer they all import."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}: see `{self.prog} --help`\n")
+
+
 COMMON_FIELDS = fields_of("common")
 OK_FIELDS = fields_of("ok")
 OPTIONAL_FIELDS = fields_of("optional")  # absent in older files, or only in some runs; typed where present
@@ -218,8 +228,7 @@ def check_file(path: Path, strict: bool) -> tuple[list[str], dict[str, dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.tools.check_results",
-                                     description=__doc__.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m src.tools.check_results", description=__doc__.split("\n")[0])
     parser.add_argument("path", type=Path, help="a results JSONL file")
     parser.add_argument("--strict", action="store_true", help="also check cross-field consistency")
     args = parser.parse_args(argv)

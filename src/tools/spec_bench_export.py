@@ -5,19 +5,19 @@ and ``evaluation/equal.py``. The format, the file names and what those scripts c
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from src.errors import UserInputError
 from src.jsonl import UnreadableFileError
+from src.results.check import OneLineArgumentParser
 from src.results.spec_bench import export
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m src.tools.spec_bench_export",
-                                     description="Spec-Bench answer files (for its evaluation/speed.py and "
-                                                 "equal.py) from results records")
+    parser = OneLineArgumentParser(prog="python -m src.tools.spec_bench_export",
+                                   description="Spec-Bench answer files (for its evaluation/speed.py and "
+                                               "equal.py) from results records")
     parser.add_argument("paths", nargs="+", type=Path, help="results JSONL file(s) of python -m src predict")
     parser.add_argument("--out", type=Path, required=True, help="folder for the answer files (created if needed)")
     parser.add_argument("--dataset", help="the dataset to export when the records hold several")

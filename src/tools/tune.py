@@ -30,14 +30,15 @@ from typing import Any
 
 import yaml
 
-from src.errors import InvalidParameterError, UserInputError
+from src.errors import InvalidParameterError, MalformedInputError, MissingInputError, UserInputError
+from src.results.check import OneLineArgumentParser
 
 DEFAULT_KS = (1, 2, 3, 4, 5, 6, 8, 10, 12)
 DEFAULT_TREES = ((8, 4), (16, 6), (16, 8), (32, 8), (32, 12), (64, 12))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.tools.tune", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m src.tools.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a predict config with a speculative or specexec method")
     parser.add_argument("--prompts", type=int, default=4, help="calibration prompts (default: 4)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's")
@@ -54,7 +55,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(k < 1 for k in args.ks):
         parser.error(f"--ks {args.ks}: every k must be >= 1")
     args.trees = [_tree_shape(parser, text) for text in args.trees]
+    args.out = args.out or Path("artifacts/tuned") / f"{Path(args.config).stem}.yaml"
     return args
+
+
+def check_out(config: str, out: Path) -> None:
+    """Refuse an ``--out`` that cannot take the tuned config before minutes of calibration, not after."""
+    if out.is_dir():
+        raise InvalidParameterError(f"--out {out} is a folder: give a file name, e.g. "
+                                    f"{out / (Path(config).stem + '.tuned.yaml')}")
+    if out.exists() and Path(config).exists() and out.resolve() == Path(config).resolve():
+        raise InvalidParameterError(
+            f"--out {out} is the input config: tune writes a new config (the input keeps its comments); give "
+            f"another path, e.g. {out.with_name(out.stem + '.tuned' + out.suffix)}")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise InvalidParameterError(f"--out {out}: {parent} is a file, not a folder: choose another --out")
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """The config as YAML, refused in one line unless it is a mapping of a predict config's sections."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as error:
+        raise MissingInputError(f"--config {path} does not exist: give a predict config, e.g. "
+                                "configs/speculative.yaml") from error
+    except (IsADirectoryError, UnicodeDecodeError) as error:
+        raise MalformedInputError(f"--config {path} is not a YAML text file ({error}): give a predict config, e.g. "
+                                  "configs/speculative.yaml") from error
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise MalformedInputError(f"--config {path} is not valid YAML{line}: give a predict config, e.g. "
+                                  "configs/speculative.yaml (a prompt or results JSONL is not a config)") from error
+    if not isinstance(config, dict) or "model" not in config:
+        held = type(config).__name__ if not isinstance(config, dict) else f"keys {sorted(config)}"
+        raise MalformedInputError(f"--config {path} is not a predict config (a mapping with model: / data: "
+                                  f"sections; it holds a {held}): give one, e.g. configs/speculative.yaml")
+    return config
+
+
+def check_ks(config: str, method, ks: list[int]) -> None:
+    """A chain longer than the method's ``max_k`` would be written into a config that predict then refuses."""
+    too_long = sorted(k for k in ks if k > method.max_k)
+    if too_long:
+        raise InvalidParameterError(
+            f"--ks {' '.join(map(str, too_long))}: above the max_k={method.max_k} of the speculative method in "
+            f"{config}, which predict would refuse: use --ks values <= {method.max_k}, or raise max_k in the config")
+
+
+def methods_entry(config: dict[str, Any], path: str, index: int) -> dict[str, Any]:
+    """The config's entry of method ``index``, where the tuned values go (before calibrating: a config whose
+    methods come from elsewhere cannot take them)."""
+    methods = ((config.get("model") or {}).get("init_args") or {}).get("methods")
+    if not isinstance(methods, list) or index >= len(methods) or not isinstance(methods[index], dict):
+        raise InvalidParameterError(f"{path} does not list its methods under model.init_args.methods, where the "
+                                    "tuned values are written: list them in the config")
+    return methods[index]
 
 
 def _tree_shape(parser: argparse.ArgumentParser, text: str) -> tuple[int, int]:
@@ -97,15 +156,27 @@ class Tuner:
 
     def __init__(self, config: str, max_new_tokens: int | None) -> None:
         from src.cli import cli_main
+        from src.cli_errors import one_line_error
         from src.lit.module import DecodingModule
 
         self.config_path = config
-        cli = cli_main(["--config", config], run=False)
+        try:
+            cli = cli_main(["--config", config], run=False)
+        except UserInputError:
+            raise
+        except Exception as error:  # jsonargparse's report of an unknown key or a bad value: predict's one line
+            message = one_line_error(error)
+            if message is None:
+                raise
+            raise InvalidParameterError(f"--config {config}: {' '.join(message.split())}") from error
         if not isinstance(cli.model, DecodingModule):
             raise InvalidParameterError(f"{config}: tuning needs a predict config (src.lit.module.DecodingModule)")
         self.module, self.data = cli.model, cli.datamodule
         if max_new_tokens is not None:
             self.module.max_new_tokens = max_new_tokens
+
+    def load(self) -> None:
+        """The models, the prompts and any ``auto`` draft copy: after the config's checks (seconds to minutes)."""
         self.module.ensure_pair()
         self.module.setup("predict")
         self.prompts = self.data.load_prompts()
@@ -210,8 +281,8 @@ def verify(tuner: Tuner, method, candidates: list, prompts, is_chain: bool) -> d
 
 
 def write_config(source: str, index: int, values: dict[str, int], out: Path) -> Path:
-    config = yaml.safe_load(Path(source).read_text(encoding="utf-8"))
-    entry = config["model"]["init_args"]["methods"][index]
+    config = read_config(source)
+    entry = methods_entry(config, source, index)
     entry.setdefault("init_args", {}).update(values)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = f"# tuned by python -m src.tools.tune from {source}: {values}\n"
@@ -222,10 +293,17 @@ def write_config(source: str, index: int, values: dict[str, int], out: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_out(args.config, args.out)
+        config = read_config(args.config)
         tuner = Tuner(args.config, args.max_new_tokens)
         index, method = tuner.chosen_method()
+        methods_entry(config, args.config, index)
         from src.data.prompts import round_robin
         from src.decoding import SpecExec
+
+        if not isinstance(method, SpecExec):
+            check_ks(args.config, method, args.ks)
+        tuner.load()
 
         ordered = round_robin(tuner.prompts)
         if len(ordered) < args.prompts + args.verify:
@@ -251,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         name = str(candidate) if is_chain else f"{candidate[0]}x{candidate[1]}"
         print(f"{name:>18} {per_call:8.2f} {rate:15.2f}{'  <- best' if candidate == best else ''}")
     values = {"k": best} if is_chain else {"budget": best[0], "max_depth": best[1]}
-    out = args.out or Path("artifacts/tuned") / f"{Path(args.config).stem}.yaml"
-    print(f"wrote {write_config(args.config, index, values, out)}")
+    try:
+        print(f"wrote {write_config(args.config, index, values, args.out)}")
+    except OSError as error:  # checked before calibrating, but the disk may have changed since
+        print(f"error: cannot write {args.out} ({error.strerror}): choose another --out; the tuned values are "
+              f"{values}", file=sys.stderr)
+        return 2
     if args.verify:
         measured = verify(tuner, method, list(curve), held_out, is_chain)
         top = max(measured, key=measured.get)

@@ -29,7 +29,10 @@ Definitions (a "prompt" is one ``ok`` record: one (dataset, prompt_id, turn) of 
   "= base", accuracy, time shares, predicted tok/s, what-if figures) is :func:`src.schema.aggregate`, the same
   code the console table and wandb use; ``python -m src.schema`` prints every definition. In short:
   tok/s = sum ``new_tokens`` / sum ``wall_s``; speedup = geometric mean over prompts of ``speedup`` (tokens/s
-  over the baseline's on the same prompt+turn); x base = tok/s over the baseline's tok/s (same category).
+  over the baseline's on the same prompt+turn); x base = tok/s over the tok/s of the baseline of the same configuration (same
+  fingerprint but for the method's own parts: same target, prompt formatting and sampling; without fingerprints the
+  target's name, dtype, quantization and the sampling params) in the same category; "-" and a note where the input
+  holds no such baseline.
 - 95% confidence intervals are percentile bootstraps over prompts: ``rng = numpy.random.default_rng(seed)``,
   fresh for every statistic (a number does not depend on what else the report holds), one draw
   ``idx = rng.integers(0, n, size=(resamples, n))``, the statistic on every row of ``idx`` (speedup: the mean

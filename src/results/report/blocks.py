@@ -102,8 +102,9 @@ def input_blocks(section: Section, level: int) -> list[Block]:
 
 def summary_blocks(stats, section: Section, level: int, seed: int, resamples: int) -> list[Block]:
     legend = (f"prompts: ok records, one per (prompt, turn); tok/s: total new tokens / total time (throughput); "
-              f"x base: tok/s / the baseline's tok/s in the same category (a ratio of totals: long outputs weigh "
-              f"more); speedup: geometric mean of per-prompt speedups against the baseline (each prompt weighs the "
+              f"x base: tok/s / the tok/s of the baseline of the same configuration (same target, prompt "
+              f"formatting and sampling; the method's own settings aside) in the same category (a ratio of totals: "
+              f"long outputs weigh more); speedup: geometric mean of per-prompt speedups against the baseline (each prompt weighs the "
               f"same), 95% percentile bootstrap CI over prompts ({resamples} resamples, seed {seed}); predicted "
               f"tok/s: what the run's cost profile predicts from the records' forward counts (src.decoding.profile); "
               f"tok/call: tokens per target call (pooled), and its 10th/50th/90th percentile over prompts; accept: "
@@ -113,7 +114,17 @@ def summary_blocks(stats, section: Section, level: int, seed: int, resamples: in
               f"accuracy: share of answer_correct; = base answer: share of final answers equal to the "
               f"baseline's on the same prompt (answer_matches_baseline); errors: error records; -: not applicable.")
     return ([("h", level, "Summary by method and category"), ("table", TABLE_HEADER, summary_rows(stats))]
-            + config_blocks(section) + [("p", legend)])
+            + config_blocks(section) + unmatched_baseline_blocks(stats) + [("p", legend)])
+
+
+def unmatched_baseline_blocks(stats) -> list[Block]:
+    """A note naming the rows whose x base is "-" because no baseline of their configuration is in the input."""
+    unmatched = [method for (method, category), s in stats.items() if category == "all" and not s["baseline_row"]]
+    if not unmatched:
+        return []
+    return [("p", "No baseline of the same configuration (target, prompt formatting, sampling) in the input for "
+                  + ", ".join(f"`{m}`" for m in unmatched) + ": their x base is `-` (a ratio against another "
+                  "configuration's baseline would compare different runs); run the baseline with their settings.")]
 
 
 def config_blocks(section: Section) -> list[Block]:

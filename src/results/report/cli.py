@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from src.jsonl import UnreadableFileError
+from src.results.check import OneLineArgumentParser
 from src.results.report import __doc__ as report_doc
 from src.results.report.reading import read_results
 from src.results.report.render import build_report, write_outputs
@@ -21,7 +22,7 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m src.report", description=report_doc.split("\n")[0])
+    parser = OneLineArgumentParser(prog="python -m src.report", description=report_doc.split("\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="results JSONL file(s)")
     parser.add_argument("--out", type=Path, required=True, help="directory for report.md, report.html and PNGs")
     parser.add_argument("--compare", action="store_true", help="two files: report each and their B/A ratios")

@@ -243,23 +243,25 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 def time_blocks(stats, records: list[dict[str, Any]], level: int) -> list[Block]:
     """Predicted vs observed tokens/s, the time split, and what-if speedups (against the baseline's tok/s)."""
     rows = [(m, s) for (m, c), s in stats.items() if c == "all"]
-    base = next((s["throughput"] for m, s in rows if method_of(m) == "baseline"), None)
     if not any(s.get("target_share") is not None for _, s in rows):
         return []
+
+    def base(s: dict[str, Any]) -> float | None:  # the tok/s of the baseline of the row's own configuration
+        return stats[s["baseline_row"], "all"]["throughput"] if s.get("baseline_row") else None
     header = ["method", "tok/s", "predicted tok/s", "unexplained", "target", "draft", "other",
               "x base", "x base, free drafter", "x base, no harness overhead", "x base, every draft accepted"]
     table = [[m, fmt(s["throughput"], ".2f"), fmt(s["predicted_throughput"], ".2f"), fmt_pct(s["unexplained_share"]),
               fmt_pct(s["target_share"]), fmt_pct(s["draft_share"]), fmt_pct(s["other_share"]),
-              fmt(s["throughput_ratio"], ".3f"), fmt(_ratio(s["throughput_free_draft"], base), ".3f"),
-              fmt(_ratio(s["throughput_no_overhead"], base), ".3f"),
-              fmt(_ratio(s["throughput_perfect_acceptance"], base), ".3f")] for m, s in rows]
+              fmt(s["throughput_ratio"], ".3f"), fmt(_ratio(s["throughput_free_draft"], base(s)), ".3f"),
+              fmt(_ratio(s["throughput_no_overhead"], base(s)), ".3f"),
+              fmt(_ratio(s["throughput_perfect_acceptance"], base(s)), ".3f")] for m, s in rows]
     legend = ("target / draft / other: shares of decoding time inside target forwards (hooks), inside the drafter "
               "(draft forwards, head steps, lookups, tree growth) and the rest (sampling, acceptance, cache "
               "rollback, Python); predicted tok/s: the run's cost profile (target latency per forward size, draft "
               "latency or drafter step) applied to the records' forward counts; unexplained: 1 - predicted / "
-              "observed time; what-if columns: tok/s over the baseline's tok/s if the drafter cost nothing, if "
-              "nothing but forwards and drafting took time, or if every draft were accepted at the same cost per "
-              "target call.")
+              "observed time; x base: tok/s over the tok/s of the baseline of the same configuration (as in the "
+              "summary); what-if columns: the same ratio if the drafter cost nothing, if nothing but forwards and "
+              "drafting took time, or if every draft were accepted at the same cost per target call.")
     profile = next((r["cost_profile"] for r in records if isinstance(r.get("cost_profile"), dict)), None)
     blocks: list[Block] = [("h", level, "Where the time goes"), ("table", header, table), ("p", legend)]
     if profile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -72,15 +73,69 @@ def _category(record: dict[str, Any]) -> str:
     return str(record.get("category") or "(none)")
 
 
+# the fingerprint's params that every method shares (sampling and length); the others are the method's own
+SHARED_PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+# fingerprint parts that belong to the method, not to what it is compared on: a baseline has no draft nor files
+METHOD_OWN_PARTS = ("method", "params", "draft", "files")
+
+
+Context = tuple[str | None, frozenset]  # (fingerprint form or None, {(field, value as JSON)} of the other form)
+
+
+def baseline_context(record: dict[str, Any]) -> Context:
+    """What a row must share with a baseline for a ratio between them to mean anything, in two forms. From the
+    fingerprint: everything in it but the method's own parts (so the target, the prompt formatting and any part
+    added later) plus the shared params. From the fields records carried before fingerprints: the shared params
+    and the target's name, dtype and quantization, each only where the record has it."""
+    params = record.get("params") if isinstance(record.get("params"), dict) else {}
+    target = record.get("target") if isinstance(record.get("target"), dict) else {}
+    carried = {f"params.{key}": params.get(key) for key in SHARED_PARAMS}
+    carried |= {f"target.{key}": target.get(key) for key in ("name", "dtype", "quantization")}
+    legacy = frozenset((key, json.dumps(value, default=str)) for key, value in carried.items() if value is not None)
+    fingerprint = record.get("fingerprint")
+    if not isinstance(fingerprint, dict):
+        return None, legacy
+    fingerprint_params = fingerprint.get("params") if isinstance(fingerprint.get("params"), dict) else {}
+    shared = {key: value for key, value in fingerprint.items() if key not in METHOD_OWN_PARTS}
+    shared["params"] = {key: fingerprint_params[key] for key in SHARED_PARAMS if key in fingerprint_params}
+    return json.dumps(shared, sort_keys=True, default=str), legacy
+
+
+def _same_context(a: Context, b: Context) -> bool:
+    if a[0] is not None and b[0] is not None:
+        return a[0] == b[0]
+    # a record written before fingerprints: a field one of the two lacks is unknown, not a difference
+    mine, theirs = dict(a[1]), dict(b[1])
+    return all(mine[key] == theirs[key] for key in mine.keys() & theirs.keys())
+
+
+def baseline_rows(records: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Row label -> the label of the baseline row of the same configuration: the first whose every record shares
+    its context with every record of the row (None: none in the input; a row pooled by --merge-configs across
+    contexts matches none). A baseline row is its own reference."""
+    contexts: dict[str, set[Context]] = {}
+    for record in records:
+        contexts.setdefault(record["method"], set()).add(baseline_context(record))
+    baselines = [m for m in method_order(records) if method_of(m) == "baseline"]
+
+    def same(label: str, baseline: str) -> bool:
+        return all(_same_context(a, b) for a in contexts[label] for b in contexts[baseline])
+
+    return {label: label if label in baselines else next((b for b in baselines if same(label, b)), None)
+            for label in contexts}
+
+
 def stats_by_method_category(records, seed, resamples) -> dict[tuple[str, str], dict[str, Any]]:
     """``(method, category) -> stats``, with an ``all`` category per method; in table order. ``throughput_ratio``
-    is against the (first) baseline row of the same category."""
+    is against the baseline row of the same configuration (:func:`baseline_rows`) and category; ``baseline_row``
+    names that row (None: no such baseline)."""
     table = {}
-    methods = method_order(records)
-    for method in methods:
+    matches = baseline_rows(records)
+    for method in method_order(records):
         mine = [r for r in records if r["method"] == method]
         for category in sorted({_category(r) for r in mine}, key=natural_key):
             table[method, category] = group_stats([r for r in mine if _category(r) == category], seed, resamples)
         table[method, "all"] = group_stats(mine, seed, resamples)
-    baseline = next((m for m in methods if method_of(m) == "baseline"), None)
-    return add_baseline_ratios(table, lambda key: (baseline, key[1]))
+        for category in {c for m, c in table if m == method}:
+            table[method, category]["baseline_row"] = matches[method]
+    return add_baseline_ratios(table, lambda key: (matches[key[0]], key[1]))
