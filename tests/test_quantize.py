@@ -79,3 +79,16 @@ def test_importing_torchao_prints_nothing_in_a_fresh_interpreter():
     code = "from src.models.quantize import import_torchao; import_torchao(); import torchao.prototype.mx_formats"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr[-2000:]
+
+
+def test_torch_int8_packs_every_linear_layer_and_stays_close(tiny_model_dir):
+    from src.models.quantize import Int8PackedLinear
+
+    packed = load_model(ModelSpec(str(tiny_model_dir), dtype="bfloat16", device="cpu", quantization="torch-int8"))
+    linears = [m for m in packed.model.modules() if isinstance(m, (torch.nn.Linear, Int8PackedLinear))]
+    assert linears and all(isinstance(m, Int8PackedLinear) for m in linears)
+    assert packed.info["quantization"] == "torch-int8" and packed.info["dtype"] == "bfloat16"
+    full = load_model(ModelSpec(str(tiny_model_dir), dtype="bfloat16", device="cpu"))
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    got, reference = packed.model(ids).logits.float(), full.model(ids).logits.float()
+    assert not torch.equal(got, reference) and torch.allclose(got, reference, atol=0.05)

@@ -57,11 +57,13 @@ log = logging.getLogger(__name__)
 CALIBRATION_PROMPTS = 3  # the run's prompts (one per category first) the choices are measured on
 CALIBRATION_TOKENS = 48  # target tokens per calibration prompt (capped by max_new_tokens)
 MAX_AUTO_K = 8  # the longest chain k: auto considers (and max_k, when smaller)
+SLOW_DRAFT = 1.5  # a draft copy whose 1-token forward costs more than this many target forwards is not measured
 TOP_MEASURED = 3  # candidates the cost model ranks first that are then decoded on the calibration prompt
 # (dtype, quantization) of the draft copies ``quantization: auto`` measures, per device type. bitsandbytes only
 # on CUDA: its CPU kernels are slower than a plain bf16 matmul.
 DRAFT_CANDIDATES: dict[str, tuple[tuple[str, str], ...]] = {
-    "cpu": (("bfloat16", "none"), ("float32", "none"), ("bfloat16", "torchao-int8"), ("bfloat16", "torchao-int4")),
+    "cpu": (("bfloat16", "none"), ("float32", "none"), ("bfloat16", "torchao-int8"), ("bfloat16", "torchao-int4"),
+            ("bfloat16", "torch-int8")),
     "cuda": (("bfloat16", "none"), ("bfloat16", "torchao-int8"), ("bfloat16", "torchao-int4"),
              ("bfloat16", "bnb-4bit")),
 }
@@ -184,6 +186,14 @@ def draft_candidates(spec: ModelSpec, target, calibration: Calibration, ks: rang
             loaded = load_model(candidate)
         except Exception as error:  # a copy this machine cannot build (no torchao kernel, no bitsandbytes)
             log.warning("draft candidate %s/%s skipped: %s", dtype, quantization, error)
+            continue
+        forward_ms = forward_latency(loaded.model, half_way(calibration.prompts[0]), (1,), repeats=1)[1]
+        if forward_ms > SLOW_DRAFT * calibration.T(1):  # no chain can gain; its full measurement would take long
+            label = DraftFigures(dtype, quantization, 0.0, []).label
+            progress(f"  draft {label}: skipped, a 1-token forward takes {forward_ms:.0f} ms, over {SLOW_DRAFT}x "
+                     f"the target's {calibration.T(1):.0f} ms")
+            del loaded
+            gc.collect()
             continue
         figures = draft_figures(loaded, target, calibration, dtype, quantization)
         k, rate = figures.best_chain(calibration, ks)

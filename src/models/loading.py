@@ -13,9 +13,11 @@ from src.errors import InvalidParameterError, MissingInputError
 from src.models.embedded import ensure_converted, is_embedded
 from src.models.gguf import clear_gguf_quantized_flag, unsupported_gguf
 from src.models.quantize import (
+    TORCH_INT8,
     TORCHAO_QUANTIZATIONS,
     import_bitsandbytes,
     import_torchao,
+    pack_int8_weights,
     quantize_weights,
     quiet_loggers,
 )
@@ -241,6 +243,8 @@ def load_model(spec: ModelSpec, tokenizer=None) -> LoadedModel:
     _make_resident(model)
     if spec.quantization in TORCHAO_QUANTIZATIONS:  # after the copy: torchao's tensors are built in memory
         quantize_weights(model, spec.quantization, spec.int4_group_size)
+    elif spec.quantization == TORCH_INT8:
+        pack_int8_weights(model)
     first = next(model.parameters())
     info = {
         "name": spec.name_or_path,

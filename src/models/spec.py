@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 DType = Literal["float32", "bfloat16", "float16", "auto"]
-Quantization = Literal["none", "bnb-8bit", "bnb-4bit", "torchao-int8", "torchao-int4", "auto"]
+Quantization = Literal["none", "bnb-8bit", "bnb-4bit", "torchao-int8", "torchao-int4", "torch-int8", "auto"]
 # ``name_or_path`` of a draft that is the target's own checkpoint (loaded again at the draft's dtype/quantization)
 SAME_AS_TARGET = "target"
 
@@ -27,7 +27,8 @@ class ModelSpec:
         device_map: an accelerate device map (``auto``, ``balanced``, or a module -> device dict); when set,
             the model stays where the map puts it and ``device`` is ignored.
         quantization: ``none``; ``bnb-8bit`` or ``bnb-4bit`` (bitsandbytes); ``torchao-int8`` or ``torchao-int4``
-            (torchao weight-only, CPU and CUDA, computing in ``dtype``); for a draft, ``auto``: the run measures
+            (torchao weight-only, CPU and CUDA, computing in ``dtype``); ``torch-int8`` (torch's fused CPU kernel
+            ``_weight_int8pack_mm``, per-channel int8, :mod:`src.models.quantize`); for a draft, ``auto``: the run measures
             the candidate copies (:data:`src.lit.auto.DRAFT_CANDIDATES`) and keeps the one predicted fastest.
         bnb_4bit_quant_type: ``nf4`` or ``fp4`` for ``bnb-4bit``.
         bnb_compute_dtype: dtype of the matmuls of a bitsandbytes 4-bit model.
