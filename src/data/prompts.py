@@ -64,6 +64,26 @@ def gold_answer(value: Any) -> str | None:
     return normalize_number(str(value)) or str(value).strip()
 
 
+def check_turns_have_text(prompt_id: str, turns: list[str]) -> None:
+    """An empty (or blank) turn gives the model nothing to answer: its record would be an "ok" made of noise."""
+    for number, turn in enumerate(turns, start=1):
+        if not turn.strip():
+            raise ValueError(f"turn {number} of prompt {prompt_id!r} is empty: give it text or remove it")
+
+
+def check_unique_ids(prompts: list[Prompt], places: list[str], source: str) -> None:
+    """Refuse two prompts with one id: they would share one resume key, so a resume would skip the second as
+    already done and the report would drop it as a duplicate. ``places[i]`` says where prompt i was read."""
+    first_place: dict[str, str] = {}
+    for prompt, place in zip(prompts, places):
+        earlier = first_place.setdefault(prompt.prompt_id, place)
+        if earlier != place:
+            raise MalformedInputError(
+                f"{place}: prompt id {prompt.prompt_id!r} is already used at {earlier}: give every prompt of "
+                f"{source} its own id"
+            )
+
+
 def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, text_field: str) -> Prompt:
     if not isinstance(row, dict):
         raise TypeError(f"a prompt line must be a JSON object, got {type(row).__name__}")
@@ -75,8 +95,10 @@ def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, 
             turns = [turns]
         if not turns or not all(isinstance(t, str) for t in turns):
             raise ValueError("'turns' must be a non-empty list of strings")
+        prompt_id = str(row["question_id"])
+        check_turns_have_text(prompt_id, turns)
         return Prompt(
-            prompt_id=str(row["question_id"]),
+            prompt_id=prompt_id,
             category=str(row.get("category", "default")),
             turns=list(turns),
             dataset=dataset,
@@ -84,8 +106,10 @@ def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, 
             answer=gold_answer(row.get("answer")),
         )
     if fmt == "gsm8k":
+        prompt_id = str(row.get("id", row.get("question_id", index)))
+        check_turns_have_text(prompt_id, [str(row["question"])])
         return Prompt(
-            prompt_id=str(row.get("id", row.get("question_id", index))),
+            prompt_id=prompt_id,
             category=str(row.get("category", "math")),
             turns=[str(row["question"])],
             dataset=dataset,
@@ -95,8 +119,10 @@ def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, 
     text = row[text_field]
     if not isinstance(text, str):
         raise ValueError(f"field {text_field!r} must be a string")
+    prompt_id = str(row.get("id", row.get("question_id", index)))
+    check_turns_have_text(prompt_id, [text])
     return Prompt(
-        prompt_id=str(row.get("id", row.get("question_id", index))),
+        prompt_id=prompt_id,
         category=str(row.get("category", "default")),
         turns=[text],
         dataset=dataset,
@@ -106,13 +132,19 @@ def parse_row(row: dict[str, Any], index: int, dataset: str, fmt: PromptFormat, 
 
 
 def read_prompt_file(path: str | Path, fmt: PromptFormat = "auto", text_field: str = "prompt") -> list[Prompt]:
-    """Read a JSONL prompt file; a bad line raises an error naming file and line."""
+    """Read a JSONL prompt file; a bad line raises an error naming file and line.
+
+    UTF-8, with or without a byte order mark (editors on Windows write one; it is read, not refused)."""
     path = Path(path)
+    if path.is_dir():
+        raise MissingInputError(f"prompt file {path} is a folder: pass the .jsonl file inside it, e.g. "
+                                f"--data.path {path / 'prompts.jsonl'}")
     if not path.is_file():
         raise MissingInputError(f"prompt file {path} does not exist ({MT_BENCH_HINT}, or pass --data.path FILE)")
-    prompts = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    prompts, places = [], []
+    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is then named by its number
+        for line_number, raw in enumerate(handle, start=1):
+            line = _decode_line(raw, path, line_number)
             if not line.strip():
                 continue
             try:
@@ -124,7 +156,19 @@ def read_prompt_file(path: str | Path, fmt: PromptFormat = "auto", text_field: s
                     '(MT-Bench: {"question_id", "category", "turns": [...]}; GSM8K: {"question", "answer"}; '
                     f"jsonl: {{{text_field!r}: ...}})"
                 ) from error
+            places.append(f"{path}:{line_number}")
+    check_unique_ids(prompts, places, str(path))
     return prompts
+
+
+def _decode_line(raw: bytes, path: Path, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        raise MalformedInputError(
+            f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}): "
+            "save the file as UTF-8"
+        ) from error
 
 
 def _is_hf_datasets(module: Any) -> bool:
@@ -181,6 +225,7 @@ def read_hub_dataset(spec: str, split: str, fmt: PromptFormat, text_field: str) 
             prompts.append(parse_row(dict(row), index, dataset, fmt, text_field))
         except (KeyError, TypeError, ValueError) as error:
             raise MalformedInputError(f"{spec} row {index}: malformed ({type(error).__name__}: {error})") from error
+    check_unique_ids(prompts, [f"{spec} row {index}" for index in range(len(prompts))], spec)
     return prompts
 
 

@@ -36,6 +36,7 @@ from src.results.records import (
     fingerprint_id,
     near_tie_tolerance,
     ok_record,
+    prompt_sha,
     resume_key,
 )
 
@@ -44,6 +45,13 @@ log = logging.getLogger(__name__)
 WARMUP_TOKENS = 4
 # The prompt options of a batch (see PromptDataModule.prompt_options) that change what a model is given.
 PROMPT_OPTION_DEFAULTS = {"chat_template": True, "system_prompt": None, "max_prompt_tokens": None}
+SEED_RANGE = (0, 2**32 - 1)  # what Lightning's seed_everything (numpy) accepts: --model.seed seeds it too
+DEFAULT_PRECISION = "32-true"
+# The Lightning precisions predict runs under: the default, and autocast, which changes every matmul's numerics
+# (so it is in the fingerprint) and the dtype whose rounding a near tie is judged by. A "-true" precision casts
+# only modules Lightning can see: the models live in a plain holder (src.models.pair), so it would change
+# nothing but torch's default dtype inside predict_step; it is refused in favour of model.target.dtype.
+AUTOCAST_DTYPES = {"bf16-mixed": "bfloat16", "16-mixed": "float16"}
 
 
 class DecodingModule(L.LightningModule):
@@ -80,6 +88,8 @@ class DecodingModule(L.LightningModule):
         super().__init__()
         if max_new_tokens < 1:
             raise InvalidParameterError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise InvalidParameterError(f"seed={seed} is invalid: use an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
         self.target_spec = target
         self.draft_spec = draft.resolved_against(target) if draft is not None else None
         self.methods = list(methods) if methods else [Baseline()]
@@ -129,9 +139,53 @@ class DecodingModule(L.LightningModule):
         return self.pair
 
     def setup(self, stage: str) -> None:
+        self.autocast_precision()  # refuses a precision that would not reach the models, before they load
         pair = self.ensure_pair()
+        self._check_generation_budget()
         for method in self.methods:  # e.g. AutoJudge loads its judge and checks it was trained for this pair
             method.prepare(pair.target.info, pair.draft.info if pair.draft is not None else None)
+
+    def autocast_precision(self) -> str | None:
+        """The trainer's autocast precision (``bf16-mixed``, ``16-mixed``), None for the default float32 run (or
+        no trainer); refuses any other precision (see :data:`AUTOCAST_DTYPES`)."""
+        precision = str(self._trainer.precision) if self._trainer is not None else DEFAULT_PRECISION
+        if precision in (DEFAULT_PRECISION, "32"):
+            return None
+        if precision in AUTOCAST_DTYPES:
+            return precision
+        raise InvalidParameterError(
+            f"--trainer.precision {precision} does not reach the models (predict loads them itself in "
+            "model.target.dtype): set --model.target.dtype (and --model.draft.dtype) instead, e.g. bfloat16, or use "
+            f"one of {sorted(AUTOCAST_DTYPES)} for autocast"
+        )
+
+    def context_length(self) -> int | None:
+        """The fewest positions any loaded model holds (``max_position_embeddings``); None when none says."""
+        models = [self.pair.target.model] + ([self.pair.draft.model] if self.pair.draft is not None else [])
+        lengths = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
+        known = [n for n in lengths if isinstance(n, int) and n > 0]
+        return min(known) if known else None
+
+    def _check_generation_budget(self) -> None:
+        """A budget no prompt fits is refused before decoding, as vLLM refuses max_tokens beyond max_model_len
+        (HF generate would decode past the position table into noise)."""
+        context = self.context_length()
+        if context is not None and self.max_new_tokens >= context:
+            raise InvalidParameterError(
+                f"max_new_tokens={self.max_new_tokens} does not fit the model's context of {context} tokens "
+                f"(max_position_embeddings), which also holds the prompt: use max_new_tokens below {context}"
+            )
+
+    def _context_overflow(self, prompt_id: str, turn: int, prompt_tokens: int) -> InvalidParameterError | None:
+        """The error of a turn whose prompt plus budget exceeds the context (recorded; the run goes on)."""
+        context = self.context_length()
+        if context is None or prompt_tokens + self.max_new_tokens <= context:
+            return None
+        return InvalidParameterError(
+            f"prompt {prompt_id} turn {turn}: {prompt_tokens} prompt tokens + max_new_tokens {self.max_new_tokens} "
+            f"exceed the model's context of {context} tokens: set --data.max_prompt_tokens "
+            f"{max(1, context - self.max_new_tokens)} (keeps the prompt's end) or lower --model.max_new_tokens"
+        )
 
     # ---- run identity -------------------------------------------------------------------------------------
     def input_files(self) -> list[str]:
@@ -154,10 +208,13 @@ class DecodingModule(L.LightningModule):
 
         Models (name, revision, dtype, quantization, device type, device map, attention), the prompt formatting
         (chat template on/off and its hash, system prompt, truncation), sampling, the method's parameters and the
-        hashes of the files it reads. Not the turn count (the turn is in the resume key) nor ``warmup``.
+        hashes of the files it reads, and an autocast precision (``precision``, only when set: records of float32
+        runs written before it was recorded keep their fingerprint). Not the turn count (the turn is in the resume
+        key), the prompt text (its hash ends the resume key) nor ``warmup``.
         """
         options = {name: prompt_options.get(name, default) for name, default in PROMPT_OPTION_DEFAULTS.items()}
-        cache_key = json.dumps(options, sort_keys=True)
+        precision = self.autocast_precision()
+        cache_key = json.dumps([options, precision], sort_keys=True)
         if cache_key not in self._fingerprints:
             prompt = {**options, "chat_template_sha": self.chat_template_sha() if options["chat_template"] else None}
             self._fingerprints[cache_key] = {
@@ -168,6 +225,7 @@ class DecodingModule(L.LightningModule):
                     "draft": self.draft_spec.identity() if method.needs_draft and self.draft_spec else None,
                     "prompt": prompt,
                     "files": {path: _file_sha256(path) for path in method.input_files()},
+                    **({"precision": precision} if precision else {}),
                 }
                 for method, key in zip(self.methods, self.method_keys)
             }
@@ -282,8 +340,10 @@ class DecodingModule(L.LightningModule):
             ids = torch.cat([prompt, torch.tensor([prefix], dtype=prompt.dtype)], dim=1).to(self.input_device)
             top = model_logits(self.pair.target.model, ids, new_cache(), logits_to_keep=1)[0, -1].float().topk(2)
             info = self.pair.target.info
+            precision = self.autocast_precision()
+            dtype = AUTOCAST_DTYPES[precision] if precision else info.get("dtype")  # autocast rounds as its dtype
             classify_divergence(record, float(top.values[0] - top.values[1]),
-                                near_tie_tolerance(info.get("dtype"), info.get("quantization")))
+                                near_tie_tolerance(dtype, info.get("quantization")))
 
     def _prompt_ids(self, batch: dict[str, Any], messages: list[dict[str, str]]) -> tuple[torch.Tensor, int]:
         """Token ids (1, n) of a conversation as the batch's prompt options format it, and the tokens truncation
@@ -310,11 +370,16 @@ class DecodingModule(L.LightningModule):
             return error_record(common, RuntimeError(f"turn {turn - 1} of {method_key} failed; turn {turn} skipped")), None
         messages = messages + [{"role": "user", "content": user_text}]
         input_ids, dropped = self._prompt_ids(batch, messages)
+        common = self._common_fields(batch, turn, method, method_key, input_ids.shape[1])
+        previous = self._previous_record(common)
+        overflow = self._context_overflow(batch["prompt_id"], turn, input_ids.shape[1])
+        if overflow is not None and previous is None:
+            log.warning("%s", overflow)
+            history[index] = None
+            return error_record(common, overflow), None
         self._measure_profile(input_ids)
         if dropped:
             log.warning("prompt %s turn %d: dropped its first %d tokens (max_prompt_tokens)", batch["prompt_id"], turn, dropped)
-        common = self._common_fields(batch, turn, method, method_key, input_ids.shape[1])
-        previous = self.previous_records.get(common["resume_key"])
         if previous is not None:  # --resume: done in an earlier run
             history[index] = messages + [{"role": "assistant", "content": previous["text"]}]
             return None, previous
@@ -335,6 +400,17 @@ class DecodingModule(L.LightningModule):
                           cost_profile=self._profile_json)
         record.update(self._answer_fields(batch, method, text))
         return record, None
+
+    def _previous_record(self, common: dict[str, Any]) -> dict[str, Any] | None:
+        """The ok record of an earlier run for this turn: by its key, which ends in the prompt text's hash, or by
+        the key without it for a record written before records carried ``prompt_sha``. Such a record's text is
+        unknown: it is trusted as the older runs' resume did, since nothing says it is wrong."""
+        previous = self.previous_records.get(common["resume_key"])
+        if previous is not None:
+            return previous
+        legacy_key = common["resume_key"].rsplit("/", 1)[0]
+        legacy = self.previous_records.get(legacy_key)
+        return legacy if legacy is not None and "prompt_sha" not in legacy else None
 
     @staticmethod
     def _answer_fields(batch: dict[str, Any], method: DecodingMethod, text: str) -> dict[str, Any]:
@@ -357,14 +433,16 @@ class DecodingModule(L.LightningModule):
 
     def _common_fields(self, batch: dict[str, Any], turn: int, method: DecodingMethod, method_key: str, prompt_tokens: int):
         fingerprint = self.fingerprints(batch)[method_key]
+        text_sha = prompt_sha(list(batch["turns"][:turn]))
         return {
             "run_id": self.run_id,
-            "resume_key": resume_key(batch["dataset"], batch["prompt_id"], turn, method_key, fingerprint),
+            "resume_key": resume_key(batch["dataset"], batch["prompt_id"], turn, method_key, fingerprint, text_sha),
             "method": method_key,
             "dataset": batch["dataset"],
             "prompt_id": batch["prompt_id"],
             "category": batch["category"],
             "turn": turn,
+            "prompt_sha": text_sha,
             "prompt_tokens": prompt_tokens,
             # an `auto` parameter: the value chosen at run start (the fingerprint keeps `auto`, which a resume matches)
             "params": {**fingerprint["params"], **self.auto_choices.get(method_key, {}).get("values", {})},

@@ -17,13 +17,23 @@ def fingerprint_id(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def resume_key(dataset: str, prompt_id: str, turn: int, method_key: str, fingerprint: dict[str, Any]) -> str:
+def prompt_sha(user_turns: list[str]) -> str:
+    """A short hash of the user text a turn answers (``user_turns``: the prompt's turns up to and including it)."""
+    return hashlib.sha1(json.dumps(user_turns, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
+def resume_key(dataset: str, prompt_id: str, turn: int, method_key: str, fingerprint: dict[str, Any],
+               text_sha: str | None = None) -> str:
     """Identifies (prompt, turn, method, configuration): a resumed run skips keys already ``ok`` in the file.
 
     The configuration is the whole run fingerprint (models, prompt formatting, sampling, method parameters, input
     file hashes): a run with another target dtype or system prompt never reuses the first run's records.
+    ``text_sha`` (:func:`prompt_sha`) ends the key of every record written since records carry it: an edited
+    prompt of the same file stem and id is then decoded again, and two files of one stem never share a key.
+    The prompt text is kept out of the fingerprint, which names one configuration for a whole run.
     """
-    return f"{dataset}/{prompt_id}/{turn}/{method_key}/{fingerprint_id(fingerprint)}"
+    key = f"{dataset}/{prompt_id}/{turn}/{method_key}/{fingerprint_id(fingerprint)}"
+    return key if text_sha is None else f"{key}/{text_sha}"
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

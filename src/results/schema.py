@@ -61,14 +61,16 @@ class Field:
 FIELDS: tuple[Field, ...] = (
     # ---- every record
     Field("run_id", (str,), "", "id of the predict run that wrote the record", "common"),
-    Field("resume_key", (str,), "", "dataset/prompt_id/turn/method/fingerprint_id: a resumed run skips ok keys",
-          "common"),
+    Field("resume_key", (str,), "", "dataset/prompt_id/turn/method/fingerprint_id[/prompt_sha]: a resumed run "
+          "skips ok keys (records before prompt_sha end at fingerprint_id)", "common"),
     Field("status", (str,), "", "'ok' or 'error'", "common"),
     Field("method", (str,), "", "method key, e.g. speculative[k=4] (unique within a run)", "common"),
     Field("dataset", (str,), "", "prompt file stem or hub id", "common"),
     Field("prompt_id", (str,), "", "prompt id within the dataset", "common"),
     Field("category", (str,), "", "prompt category (MT-Bench / Spec-Bench / task)", "common"),
     Field("turn", (int,), "", "turn number, from 1", "common"),
+    Field("prompt_sha", (str,), "", "12-hex SHA-1 of the prompt's user turns up to this one (JSON list): an edited "
+          "prompt is decoded again on --resume; absent in records written before it", "optional"),
     Field("params", (dict,), "", "method parameters + max_new_tokens, sampling settings, seed", "common"),
     Field("auto_choice", (dict,), "", "what `auto` resolved to at run start (src.lit.auto): values {k | budget, "
           "max_depth}, draft {dtype, quantization} or null, predicted_speedup, calibration_speedup, "
@@ -77,7 +79,8 @@ FIELDS: tuple[Field, ...] = (
     Field("system", (dict,), "", "machine and library versions (git sha, torch, device, threads, ...)", "common"),
     Field("prompt_tokens", (int,), "tokens", "prompt length after the chat template and truncation", "optional"),
     Field("draft", (dict,) + NULL, "", "draft model identity, null for methods without one", "optional"),
-    Field("fingerprint", (dict,), "", "everything that identifies the configuration (hashed input files too)",
+    Field("fingerprint", (dict,), "", "everything that identifies the configuration (hashed input files too; "
+          "precision: the trainer's autocast precision, only when one was set)",
           "optional"),
     Field("fingerprint_id", (str,), "", "10-hex hash of fingerprint", "optional"),
     Field("error", (dict,) + NULL, "", "error records: {type, message, traceback}; ok records: null", "optional"),
