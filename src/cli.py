@@ -23,6 +23,7 @@ from src.errors import InvalidParameterError, MissingInputError, UserInputError
 from src.lit import interrupts
 from src.lit.distributed import release_process_group
 from src.lit.interrupts import RunInterrupted
+from src.lit.module import check_seed
 from src.lit.progress import use_speedup_progress_bar
 from src.lit.reporting import MetricsReporter
 from src.lit.results import ResultsWriter
@@ -217,6 +218,7 @@ class SpSampCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         model_seed = config.get("model.init_args.seed") if config.get("model.init_args") else None
         if config.get("seed_everything") == self.seed_everything_default and isinstance(model_seed, int):
+            check_seed(model_seed)  # the module's own check, before Lightning's seed_everything raises
             config["seed_everything"] = model_seed
         super()._set_seed()
 

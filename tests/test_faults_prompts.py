@@ -59,11 +59,16 @@ def test_a_folder_is_called_a_folder(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [-5, 2**32])
-def test_a_seed_out_of_range_names_the_range(seed):
+def test_a_seed_out_of_range_names_the_range(seed, capsys, monkeypatch):
+    from src.__main__ import main
     from src.lit.module import DecodingModule
 
-    with pytest.raises(InvalidParameterError, match=rf"seed={seed} is invalid: use an integer from 0 to 4294967295"):
+    message = f"seed={seed} is invalid: use an integer from 0 to 4294967295"
+    with pytest.raises(InvalidParameterError, match=message):
         DecodingModule(seed=seed)
+    monkeypatch.chdir(Path(__file__).parents[1])  # the command line: one line, before Lightning's seed_everything
+    assert main(["predict", "--config", "configs/baseline.yaml", "--model.seed", str(seed)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
 
 
 # ---- runs on the tiny model -----------------------------------------------------------------------------------

@@ -46,6 +46,11 @@ WARMUP_TOKENS = 4
 # The prompt options of a batch (see PromptDataModule.prompt_options) that change what a model is given.
 PROMPT_OPTION_DEFAULTS = {"chat_template": True, "system_prompt": None, "max_prompt_tokens": None}
 SEED_RANGE = (0, 2**32 - 1)  # what Lightning's seed_everything (numpy) accepts: --model.seed seeds it too
+
+
+def check_seed(seed: int) -> None:
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise InvalidParameterError(f"seed={seed} is invalid: use an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
 DEFAULT_PRECISION = "32-true"
 # The Lightning precisions predict runs under: the default, and autocast, which changes every matmul's numerics
 # (so it is in the fingerprint) and the dtype whose rounding a near tie is judged by. A "-true" precision casts
@@ -88,8 +93,7 @@ class DecodingModule(L.LightningModule):
         super().__init__()
         if max_new_tokens < 1:
             raise InvalidParameterError(f"max_new_tokens={max_new_tokens} is invalid: use a value >= 1")
-        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise InvalidParameterError(f"seed={seed} is invalid: use an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+        check_seed(seed)
         self.target_spec = target
         self.draft_spec = draft.resolved_against(target) if draft is not None else None
         self.methods = list(methods) if methods else [Baseline()]
