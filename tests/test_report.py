@@ -503,3 +503,22 @@ def test_x_base_is_taken_against_the_baseline_of_the_same_configuration(tmp_path
     # x base, then x base with a free drafter: 30 tok/s without the drafter's quarter is 40, over bf16's 20
     assert times["speculative #2"][7:9] == ["1.500", "2.000"]
     assert times["speculative #3"][7:9] == ["-", "-"]
+
+
+def test_prompts_of_one_name_decoded_from_different_texts_are_named_and_never_paired(tmp_path, capsys):
+    """Two prompt files of the same name (or one edited between runs): records of one (dataset, prompt_id, turn)
+    with different prompt_sha are pooled in one section with a warning naming them, and --compare pairs only the
+    prompts whose text is the same on both sides."""
+    old = [ok_record(m, p, prompt_sha=f"old{p}", tokens_per_s=10.0) for m in ("baseline", "speculative")
+           for p in ("1", "2", "3")]
+    new = [ok_record(m, p, run_id="r2", prompt_sha=f"old{p}" if p != "3" else "new3", tokens_per_s=20.0)
+           for m in ("baseline", "speculative") for p in ("1", "2", "3")]
+    a, b = write(tmp_path / "a.jsonl", old), write(tmp_path / "b.jsonl", new)
+    assert main([a, b, "--out", str(tmp_path / "pooled")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 prompts (dataset/prompt_id/turn) were decoded from different texts" in err
+    assert "mt_bench/3/1" in err
+    from src.results.report.compare import _by_key
+
+    a_keys, b_keys = _by_key(old, "speculative").keys(), _by_key(new, "speculative").keys()
+    assert len(a_keys & b_keys) == 2  # prompt 3 changed its text: not a pair

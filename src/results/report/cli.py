@@ -11,7 +11,7 @@ from src.results.check import OneLineArgumentParser
 from src.results.report import __doc__ as report_doc
 from src.results.report.reading import read_results
 from src.results.report.render import build_report, write_outputs
-from src.results.report.sections import duplicate_warning, make_section
+from src.results.report.sections import duplicate_warning, make_section, pooled_prompts_warning
 
 
 def _positive_int(text: str) -> int:
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: no usable record in the input; the report only counts malformed lines", file=sys.stderr)
     groups = [[one] for one in loaded] if args.compare else [loaded]  # duplicates count within a side only
     sections = [make_section(group, args.merge_configs) for group in groups]
-    for warning in filter(None, map(duplicate_warning, sections)):
+    for warning in filter(None, [check(section) for section in sections
+                                 for check in (duplicate_warning, pooled_prompts_warning)]):
         print(warning, file=sys.stderr)
     blocks = build_report(sections, args.compare, args.seed, args.bootstrap)
     try:

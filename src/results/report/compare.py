@@ -7,17 +7,19 @@ from typing import Any
 import numpy as np
 
 from src.results.report.blocks import Block, fmt, fmt_ci
-from src.results.report.sections import Section
+from src.results.report.sections import Section, prompt_key
 from src.results.report.stats import method_of, method_order, natural_key, number_field, percentile_ci
 
 
 def _by_key(records: list[dict[str, Any]], method: str) -> dict[tuple, dict[str, Any]]:
-    """``(dataset, prompt_id, turn) -> record`` of the usable ok records of ``method`` (the last one wins)."""
+    """``(dataset, prompt_id, turn, prompt_sha) -> record`` of the usable ok records of ``method`` (the last one
+    wins): a prompt file edited between the two sides pairs only its unchanged prompts (records written before
+    prompt_sha pair on the rest)."""
     usable = {}
     for r in records:
         if (r["method"] == method and r["status"] == "ok" and number_field(r, "tokens_per_s") is not None
                 and number_field(r, "new_tokens") is not None and (number_field(r, "target_calls") or 0) > 0):
-            usable[str(r.get("dataset")), str(r.get("prompt_id")), str(r.get("turn"))] = r
+            usable[prompt_key(r) + (str(r.get("prompt_sha")),)] = r
     return usable
 
 

@@ -123,6 +123,26 @@ def duplicate_warning(section: Section) -> str | None:
     return f"warning: {count} duplicated records (same run_id, resume_key) counted once: {listed}"
 
 
+def prompt_key(record: dict[str, Any]) -> tuple[str, str, str]:
+    return str(record.get("dataset")), str(record.get("prompt_id")), str(record.get("turn"))
+
+
+def pooled_prompts_warning(section: Section) -> str | None:
+    """Records of one (dataset, prompt_id, turn) made from different prompt texts (``prompt_sha``): two prompt
+    files of the same name, or one edited between runs, pooled in one section."""
+    texts: dict[tuple[str, str, str], set[str]] = {}
+    for record in section.records:
+        if record.get("prompt_sha"):
+            texts.setdefault(prompt_key(record), set()).add(record["prompt_sha"])
+    differing = sorted(key for key, shas in texts.items() if len(shas) > 1)
+    if not differing:
+        return None
+    listed = ", ".join("/".join(key) for key in differing[:MAX_LISTED])
+    more = f" and {len(differing) - MAX_LISTED} more" if len(differing) > MAX_LISTED else ""
+    return (f"warning: {len(differing)} prompts (dataset/prompt_id/turn) were decoded from different texts and are "
+            f"pooled here: {listed}{more}: report the files of each prompt set apart (or rename one set's file)")
+
+
 def line_list(lines: list[int]) -> str:
     more = len(lines) - MAX_LISTED
     return ", ".join(map(str, lines[:MAX_LISTED])) + (f" and {more} more" if more > 0 else "")
