@@ -333,7 +333,7 @@ class SpSampCLI(LightningCLI):
     def fit_stop_message(self, stop: RunInterrupted) -> str:
         """What a stopped fit keeps: the label / feature store continues on the next fit; so may a checkpoint."""
         store = getattr(self.datamodule, "store", None)
-        kind = {"LabelStore": "AutoJudge label store", "FeatureStore": "EAGLE feature store"}.get(type(store).__name__)
+        kind = getattr(store, "kind", None)  # the stores name themselves (src.data.mining, src.data.features)
         root = getattr(store, "root", None)
         if kind and root is not None:
             kept = f"the {kind} {root} keeps what was done and the same command continues it (training starts over)"

@@ -354,6 +354,8 @@ def feature_meta(
 class FeatureStore:
     """Append-only, resumable store of target features (module docstring)."""
 
+    kind = "EAGLE feature store"  # how messages name it (e.g. what a stopped fit keeps)
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._next_shard: int | None = None

@@ -231,6 +231,8 @@ def mismatch_stats(
 class LabelStore:
     """Append-only store of mined labels (module docstring); safetensors for tensors, JSONL for the rest."""
 
+    kind = "AutoJudge label store"  # how messages name it (e.g. what a stopped fit keeps)
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 

@@ -101,7 +101,7 @@ class DraftFigures:
 
     @property
     def label(self) -> str:
-        return self.dtype if self.quantization == "none" else f"{self.quantization} ({self.dtype})"
+        return copy_label(self.dtype, self.quantization)
 
     @property
     def agreement_rate(self) -> float:
@@ -117,6 +117,11 @@ class DraftFigures:
         rates = {k: self.predicted_tok_s(calibration, k) for k in ks}
         best = max(rates, key=rates.get)
         return best, rates[best]
+
+
+def copy_label(dtype: str, quantization: str) -> str:
+    """``bfloat16``, ``torchao-int8 (bfloat16)``: how the lines name a draft copy."""
+    return dtype if quantization == "none" else f"{quantization} ({dtype})"
 
 
 def say(line: str) -> None:
@@ -189,8 +194,7 @@ def draft_candidates(spec: ModelSpec, target, calibration: Calibration, ks: rang
             continue
         forward_ms = forward_latency(loaded.model, half_way(calibration.prompts[0]), (1,), repeats=1)[1]
         if forward_ms > SLOW_DRAFT * calibration.T(1):  # no chain can gain; its full measurement would take long
-            label = DraftFigures(dtype, quantization, 0.0, []).label
-            progress(f"  draft {label}: skipped, a 1-token forward takes {forward_ms:.0f} ms, over {SLOW_DRAFT}x "
+            progress(f"  draft {copy_label(dtype, quantization)}: skipped, a 1-token forward takes {forward_ms:.0f} ms, over {SLOW_DRAFT}x "
                      f"the target's {calibration.T(1):.0f} ms")
             del loaded
             gc.collect()
@@ -218,9 +222,9 @@ def measured_tok_s(method, target, draft, calibration: Calibration, eos: set[int
 
 
 def with_values(method, values: dict[str, int]):
+    """A copy of ``method`` with some of its ``auto`` parameters set (checked as ``resolve`` checks them)."""
     probe = copy.copy(method)
-    for name, value in values.items():
-        setattr(probe, name, value)
+    probe.resolve(values)
     return probe
 
 
@@ -289,7 +293,7 @@ def choice_line(key: str, choice: dict[str, Any]) -> str:
     draft = choice.get("draft")
     parts = [values] if values else []
     if draft:
-        parts.append("draft " + DraftFigures(draft["dtype"], draft["quantization"], 0.0, []).label)
+        parts.append("draft " + copy_label(draft["dtype"], draft["quantization"]))
     figures = [f"predicted {choice['predicted_speedup']:.2f}x"] if choice.get("predicted_speedup") else []
     if choice.get("calibration_speedup") is not None:
         figures.append(f"measured {choice['calibration_speedup']:.2f}x on the calibration prompt")
