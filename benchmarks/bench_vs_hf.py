@@ -15,7 +15,7 @@ Usage (from the repository root)::
 Pair: the embedded SmolLM2-135M-Instruct, float32 target; the draft is the same model's weights in bfloat16
 (``--draft bf16``, the default), float32 (``fp32``: the target's own copy, agreement 1), torchao weight-only int8
 or int4 with bfloat16 compute (``int8`` / ``int4``: ``quantization: torchao-int8`` / ``torchao-int4``, see
-``src.models.quantize``) or bitsandbytes NF4 (``nf4``), loaded only when a draft-model row (``--ks``,
+``src.models.quantize``), torch's fused int8 CPU kernel (``torch-int8``) or bitsandbytes NF4 (``nf4``), loaded only when a draft-model row (``--ks``,
 ``--assist``, ``--specexec``) is requested: ``--ks --specexec`` with no values and no ``--assist`` load none.
 Several kinds (``--draft bf16 int8 int4``) are each loaded once at the start, and every draft-model row is built
 once per kind, ours and HF assisted given the same draft model; those rows' params end with ``draft=KIND`` (only
@@ -134,6 +134,8 @@ def draft_spec(kind: str, device: str) -> ModelSpec:
         return ModelSpec(name_or_path=EMBEDDED, dtype="bfloat16" if kind == "bf16" else "float32", device=device)
     if kind in ("int8", "int4"):  # torchao weight-only (src.models.quantize), bf16 compute
         return ModelSpec(name_or_path=EMBEDDED, dtype="bfloat16", device=device, quantization=f"torchao-{kind}")
+    if kind == "torch-int8":  # torch's fused int8 CPU kernel (src.models.quantize.Int8PackedLinear), bf16 compute
+        return ModelSpec(name_or_path=EMBEDDED, dtype="bfloat16", device=device, quantization="torch-int8")
     if kind == "nf4":
         return ModelSpec(
             name_or_path=EMBEDDED, dtype="float32", device=device, quantization="bnb-4bit",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DRAFT_KINDS = ("bf16", "fp32", "int8", "int4", "nf4")  # bench_vs_hf.draft_spec builds each
+DRAFT_KINDS = ("bf16", "fp32", "int8", "int4", "torch-int8", "nf4")  # bench_vs_hf.draft_spec builds each
 
 
 def positive_int(text: str) -> int:
@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SpecExec prune_threshold (its default)")
     parser.add_argument("--draft", choices=DRAFT_KINDS, nargs="+", default=["bf16"], metavar="KIND",
                         help=f"drafts (one of {', '.join(DRAFT_KINDS)} or several): copies of the target in bf16, fp32,"
-                        " torchao int8 / int4 weight-only (bf16 compute) or bitsandbytes NF4; every draft-model row"
+                        " torchao int8 / int4 weight-only (bf16 compute), torch's int8 CPU kernel or bitsandbytes NF4; every draft-model row"
                         " runs once per draft, labelled draft=KIND when several are given")
     parser.add_argument("--target-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="the target's dtype (a GPU run may use bfloat16 with --draft nf4)")
